@@ -1,0 +1,1 @@
+"""Feature builders: raw rows -> feature tables (items, folds, catalog, embeddings, kNN prices)."""

@@ -1,0 +1,273 @@
+"""Ingest: read the raw train/test files through the column mapping, validate every row, build `items`.
+
+Validation is all-or-nothing: every problem found is reported (file, row, column, what was expected) and
+nothing is written, so a bad file never leaves a half-ingested store behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from features.base import BuildContext, FeatureBuilder
+from featurestore.config import ColumnsConfig, Config, ValidationConfig
+
+MAX_REPORTED_PROBLEMS = 25
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    row: int | None  # 1-based data row (the header is not counted); None for file-level problems
+    column: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.column is not None:
+            where.append(f"column '{self.column}'")
+        return f"{', '.join(where)}: {self.message}"
+
+
+class IngestError(ValueError):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        shown = "\n  ".join(str(p) for p in problems[:MAX_REPORTED_PROBLEMS])
+        more = len(problems) - MAX_REPORTED_PROBLEMS
+        suffix = f"\n  ... and {more} more" if more > 0 else ""
+        super().__init__(f"{len(problems)} problem(s) in the input; nothing was written:\n  {shown}{suffix}")
+
+
+def _first_rows(mask: pl.Series, limit: int = MAX_REPORTED_PROBLEMS) -> list[int]:
+    """0-based indices where mask is true (first few only)."""
+    return mask.arg_true().head(limit).to_list()
+
+
+def read_raw(path: Path) -> pl.DataFrame:
+    """Read CSV (every column as text, so bad values can be reported, not coerced) or Parquet."""
+    name = str(path)
+    if not path.is_file():
+        raise IngestError([Problem(name, None, None, "file not found")])
+    suffix = path.suffix.lower()
+    if suffix in {".parquet", ".pq"}:
+        return pl.read_parquet(path)
+    if suffix not in {".csv", ".tsv", ".txt"}:
+        raise IngestError([Problem(name, None, None, f"expected a .csv or .parquet file, got '{suffix}'")])
+    raw = path.read_bytes()
+    separator = "\t" if suffix == ".tsv" else ","
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Re-read lossily only to locate the offending rows: invalid bytes become U+FFFD.
+        lossy = pl.read_csv(raw, infer_schema=False, encoding="utf8-lossy", separator=separator)
+        problems = []
+        for column in lossy.columns:
+            for row in _first_rows(lossy[column].str.contains("\ufffd", literal=True).fill_null(False)):
+                problems.append(Problem(name, row + 1, column, "bytes are not valid UTF-8; expected UTF-8 text"))
+        if not problems:
+            problems.append(Problem(name, None, None, f"not valid UTF-8 at byte {exc.start}; expected UTF-8"))
+        raise IngestError(problems) from exc
+    try:
+        return pl.read_csv(raw, infer_schema=False, separator=separator)
+    except pl.exceptions.ComputeError as exc:
+        raise IngestError([Problem(name, None, None, f"not a readable CSV: {exc}")]) from exc
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_columns(df: pl.DataFrame, name: str, cols: ColumnsConfig, labelled: bool) -> list[Problem]:
+    required = [cols.id, *cols.text, *cols.categorical, *cols.numeric]
+    if cols.image:
+        required.append(cols.image)
+    if cols.group and labelled:
+        required.append(cols.group)
+    if labelled:
+        required.append(cols.target)
+    missing = [c for c in dict.fromkeys(required) if c not in df.columns]
+    return [
+        Problem(name, None, c, f"required column is missing (file has: {', '.join(df.columns)})") for c in missing
+    ]
+
+
+def _validate_ids(df: pl.DataFrame, name: str, id_col: str) -> list[Problem]:
+    problems = []
+    ids = df[id_col]
+    if ids.dtype == pl.String:
+        ids = ids.str.strip_chars()
+        empty = ids.is_null() | (ids == "")
+    else:
+        empty = ids.is_null()
+    for row in _first_rows(empty):
+        problems.append(Problem(name, row + 1, id_col, "id is empty; expected a unique non-null id"))
+    duplicated = ids.is_duplicated() & ~empty
+    for row in _first_rows(duplicated):
+        problems.append(Problem(name, row + 1, id_col, f"duplicate id {ids[row]!r}; expected unique ids"))
+    return problems
+
+
+def _parse_price(df: pl.DataFrame, name: str, target: str) -> tuple[pl.Series, list[Problem]]:
+    raw = df[target]
+    problems = []
+    if raw.dtype == pl.String:
+        text = raw.str.strip_chars()
+        price = text.cast(pl.Float64, strict=False)
+        for row in _first_rows(price.is_null() & text.is_not_null() & (text != "")):
+            problems.append(Problem(name, row + 1, target, f"{raw[row]!r} is not a number; expected a price > 0"))
+        missing = text.is_null() | (text == "")
+    elif raw.dtype.is_numeric():
+        price = raw.cast(pl.Float64)
+        missing = price.is_null()
+    else:
+        return raw, [Problem(name, None, target, f"column has type {raw.dtype}; expected numbers")]
+    for row in _first_rows(missing):
+        problems.append(Problem(name, row + 1, target, "price is missing; expected a price > 0"))
+    bad = price.is_nan() | price.is_infinite() | (price <= 0)
+    for row in _first_rows(bad.fill_null(False)):
+        problems.append(Problem(name, row + 1, target, f"price {price[row]} is invalid; expected finite and > 0"))
+    return price, problems
+
+
+def _text_columns(df: pl.DataFrame, name: str, cols: ColumnsConfig, vcfg: ValidationConfig) -> list[Problem]:
+    problems = []
+    for column in cols.text:
+        if df[column].dtype != pl.String:
+            problems.append(Problem(name, None, column, f"column has type {df[column].dtype}; expected text"))
+            continue
+        lengths = df[column].str.len_chars()
+        for row in _first_rows((lengths > vcfg.max_text_chars).fill_null(False)):
+            problems.append(
+                Problem(
+                    name,
+                    row + 1,
+                    column,
+                    f"text is {lengths[row]:,} characters; expected at most {vcfg.max_text_chars:,} "
+                    "(validation.max_text_chars)",
+                )
+            )
+    if problems:
+        return problems
+    non_empty = pl.any_horizontal(
+        [pl.col(c).str.strip_chars().str.len_chars().fill_null(0) > 0 for c in cols.text]
+    )
+    empty = ~df.select(non_empty).to_series()
+    for row in _first_rows(empty):
+        problems.append(Problem(name, row + 1, "/".join(cols.text), "text is empty; expected non-empty text"))
+    return problems
+
+
+def _combined_text(cols: ColumnsConfig) -> pl.Expr:
+    if len(cols.text) == 1:
+        return pl.col(cols.text[0]).fill_null("")
+    # Several text columns (Mercari: name + description) become one labelled multi-line text.
+    parts = [pl.format(f"{c}: {{}}", pl.col(c).fill_null("")) for c in cols.text]
+    return pl.concat_str(parts, separator="\n")
+
+
+def normalise(df: pl.DataFrame, name: str, split: str, cols: ColumnsConfig, vcfg: ValidationConfig) -> pl.DataFrame:
+    """Validate one file and map it onto the `items` schema. Raises IngestError listing every problem."""
+    labelled = split == "train"
+    problems = _check_columns(df, name, cols, labelled)
+    if problems:
+        raise IngestError(problems)
+    problems += _validate_ids(df, name, cols.id)
+    problems += _text_columns(df, name, cols, vcfg)
+    price = pl.Series("price", [None] * df.height, dtype=pl.Float64)
+    if labelled:
+        price, price_problems = _parse_price(df, name, cols.target)
+        problems += price_problems
+    numeric_exprs = []
+    for column in cols.numeric:
+        values = df[column].cast(pl.Float64, strict=False) if df[column].dtype == pl.String else df[column]
+        if not values.dtype.is_numeric():
+            problems.append(Problem(name, None, column, f"column has type {values.dtype}; expected numbers"))
+            continue
+        for row in _first_rows(values.is_null() & df[column].is_not_null()):
+            problems.append(Problem(name, row + 1, column, f"{df[column][row]!r} is not a number"))
+        numeric_exprs.append(values.cast(pl.Float64).alias(f"num_{column}"))
+    if problems:
+        raise IngestError(problems)
+
+    ids = df[cols.id]
+    if ids.dtype == pl.String:
+        stripped = ids.str.strip_chars()
+        ids = stripped.cast(pl.Int64, strict=False) if stripped.str.contains(r"^-?\d+$").all() else stripped
+    out = df.select(
+        ids.alias("sample_id"),
+        pl.lit(split).alias("split"),
+        _combined_text(cols).alias("text"),
+        (pl.col(cols.image) if cols.image else pl.lit(None, dtype=pl.String)).cast(pl.String).alias("image_link"),
+        price.alias("price"),
+        (pl.col(cols.group).cast(pl.String) if cols.group and labelled else pl.lit(None, dtype=pl.String)).alias(
+            "group_id"
+        ),
+        *[pl.col(c).cast(pl.String).alias(f"text_{c}") for c in cols.text if len(cols.text) > 1],
+        *[pl.col(c).cast(pl.String).alias(f"cat_{c}") for c in cols.categorical],
+        *numeric_exprs,
+    )
+    return out
+
+
+def load_items(config: Config) -> pl.DataFrame:
+    cols, vcfg = config.columns, config.validation
+    frames = []
+    for split, path_str in (("train", config.data.train), ("test", config.data.test)):
+        if not path_str:
+            if split == "train":
+                raise IngestError([Problem("data.train", None, None, "no training file configured")])
+            continue
+        path = Path(path_str)
+        frames.append(normalise(read_raw(path), str(path), split, cols, vcfg))
+    if len(frames) == 2:
+        train, test = frames
+        if train["sample_id"].dtype != test["sample_id"].dtype:
+            frames = [f.with_columns(pl.col("sample_id").cast(pl.String)) for f in frames]
+            train, test = frames
+        shared = train.join(test, on="sample_id", how="semi")["sample_id"]
+        if shared.len():
+            rows = test.with_row_index().join(shared.to_frame(), on="sample_id", how="semi")
+            raise IngestError(
+                [
+                    Problem(config.data.test, r["index"] + 1, cols.id, f"id {r['sample_id']!r} also in the train file; "
+                            "expected train and test ids to be disjoint")
+                    for r in rows.head(MAX_REPORTED_PROBLEMS).iter_rows(named=True)
+                ]
+            )
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+class ItemsBuilder(FeatureBuilder):
+    table = "items"
+    version = "1"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "columns": vars(self.config.columns),
+            "max_text_chars": self.config.validation.max_text_chars,
+            "train": self.config.data.train,
+            "test": self.config.data.test,
+        }
+
+    def external_fingerprint(self) -> str:
+        hashes = []
+        for path_str in (self.config.data.train, self.config.data.test):
+            path = Path(path_str) if path_str else None
+            hashes.append(file_sha256(path) if path is not None and path.is_file() else "missing")
+        return ":".join(hashes)
+
+    def build(self, ctx: BuildContext) -> pl.DataFrame:
+        return load_items(self.config)

@@ -1,0 +1,1 @@
+"""Core of the feature store: configuration, the Parquet + DuckDB store, and the build runner."""

@@ -1,0 +1,216 @@
+"""The feature store: one Parquet file per table, a DuckDB file exposing each table as a view, a manifest.
+
+Every write goes to a temp file in the same folder and is renamed into place (`os.replace` is atomic on POSIX),
+so a crash never leaves a half-written table visible; the manifest row is updated only after the rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+MANIFEST_DDL = """
+CREATE TABLE IF NOT EXISTS manifest (
+    table_name VARCHAR PRIMARY KEY,
+    builder VARCHAR,
+    params JSON,
+    fingerprint VARCHAR,
+    row_count BIGINT,
+    column_count INTEGER,
+    seconds DOUBLE,
+    versions JSON,
+    created_at TIMESTAMP,
+    extra JSON
+)
+"""
+
+_VERSIONED_LIBRARIES = ("polars", "duckdb", "numpy", "pyarrow")
+
+
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED_LIBRARIES + extra:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _create_view(con: duckdb.DuckDBPyConnection, name: str, path: Path) -> None:
+    # Views take no bound parameters, so the path goes in as an escaped literal. Absolute, so a plain
+    # `duckdb store/features.duckdb` opened from any folder finds the files.
+    literal = "'" + str(path).replace("'", "''") + "'"
+    con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS SELECT * FROM read_parquet({literal})")
+
+
+def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
+    """Write next to the target, fsync, then rename: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        df.write_parquet(tmp, compression="zstd")
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class TableInfo:
+    name: str
+    builder: str
+    fingerprint: str
+    row_count: int
+    column_count: int
+    seconds: float
+    created_at: datetime
+    params: dict[str, Any]
+    extra: dict[str, Any]
+
+
+class FeatureStore:
+    """A folder holding `tables/<name>.parquet`, `features.duckdb` (views + manifest) and scratch space."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.tables_dir = self.root / "tables"
+        self.scratch_dir = self.root / "scratch"
+        self.db_path = self.root / "features.duckdb"
+        self.tables_dir.mkdir(parents=True, exist_ok=True)
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        with self.connect(read_only=False) as con:
+            con.execute(MANIFEST_DDL)
+
+    # -- connections -------------------------------------------------------------------------------
+    @contextmanager
+    def connect(self, read_only: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = duckdb.connect(str(self.db_path), read_only=read_only)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    # -- tables ------------------------------------------------------------------------------------
+    def table_path(self, name: str) -> Path:
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"table name {name!r}: expected letters, digits, '_' or '-'")
+        return self.tables_dir / f"{name}.parquet"
+
+    def has_table(self, name: str) -> bool:
+        return self.table_path(name).is_file() and self.info(name) is not None
+
+    def read(self, name: str, columns: list[str] | None = None) -> pl.DataFrame:
+        path = self.table_path(name)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"table '{name}' is not in the store at {self.root}; run `python cli.py build-features` first"
+            )
+        return pl.read_parquet(path, columns=columns)
+
+    def write(
+        self,
+        name: str,
+        df: pl.DataFrame,
+        *,
+        builder: str,
+        params: dict[str, Any],
+        fingerprint: str,
+        seconds: float,
+        extra: dict[str, Any] | None = None,
+        extra_versions: tuple[str, ...] = (),
+    ) -> None:
+        path = self.table_path(name)
+        atomic_write_parquet(df, path)
+        with self.connect(read_only=False) as con:
+            con.execute("BEGIN")
+            _create_view(con, name, path)
+            con.execute(
+                "INSERT OR REPLACE INTO manifest VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    name,
+                    builder,
+                    json.dumps(params, sort_keys=True, default=str),
+                    fingerprint,
+                    df.height,
+                    df.width,
+                    round(seconds, 3),
+                    json.dumps(library_versions(extra_versions)),
+                    datetime.now(UTC).replace(tzinfo=None),
+                    json.dumps(extra or {}, default=str),
+                ],
+            )
+            con.execute("COMMIT")
+
+    def update_extra(self, name: str, extra: dict[str, Any]) -> None:
+        with self.connect(read_only=False) as con:
+            con.execute("UPDATE manifest SET extra = ? WHERE table_name = ?", [json.dumps(extra), name])
+
+    def info(self, name: str) -> TableInfo | None:
+        with self.connect(read_only=True) as con:
+            row = con.execute(
+                "SELECT table_name, builder, fingerprint, row_count, column_count, seconds, created_at, "
+                "params, extra FROM manifest WHERE table_name = ?",
+                [name],
+            ).fetchone()
+        if row is None:
+            return None
+        return TableInfo(
+            name=row[0],
+            builder=row[1],
+            fingerprint=row[2],
+            row_count=row[3],
+            column_count=row[4],
+            seconds=row[5],
+            created_at=row[6],
+            params=json.loads(row[7]),
+            extra=json.loads(row[8]),
+        )
+
+    def is_fresh(self, name: str, fingerprint: str) -> bool:
+        info = self.info(name)
+        return info is not None and info.fingerprint == fingerprint and self.table_path(name).is_file()
+
+    def manifest(self) -> pl.DataFrame:
+        with self.connect(read_only=True) as con:
+            return con.sql("SELECT * FROM manifest ORDER BY created_at").pl()
+
+    def refresh_views(self) -> None:
+        """Re-point every view at its Parquet file (after the store folder was moved or copied)."""
+        with self.connect(read_only=False) as con:
+            names = [r[0] for r in con.execute("SELECT table_name FROM manifest").fetchall()]
+            for name in names:
+                path = self.table_path(name)
+                if path.is_file():
+                    _create_view(con, name, path)
+
+    def scratch(self, name: str) -> Path:
+        path = self.scratch_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from featurestore.config import Config, load_config  # noqa: E402
+from featurestore.store import FeatureStore  # noqa: E402
+
+SAMPLE = ROOT / "data" / "sample"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def real_train() -> pl.DataFrame:
+    return pl.read_parquet(SAMPLE / "train.parquet")
+
+
+@pytest.fixture(scope="session")
+def real_test() -> pl.DataFrame:
+    return pl.read_parquet(SAMPLE / "test.parquet")
+
+
+def make_config(tmp_path: Path, train: pl.DataFrame, test: pl.DataFrame | None, **overrides: object) -> Config:
+    train_path = tmp_path / "train.parquet"
+    train.write_parquet(train_path)
+    test_path = ""
+    if test is not None:
+        test.write_parquet(tmp_path / "test.parquet")
+        test_path = str(tmp_path / "test.parquet")
+    values = {"data.train": str(train_path), "data.test": test_path, "store.dir": str(tmp_path / "store")}
+    values.update(overrides)
+    return load_config(None, values)
+
+
+@pytest.fixture
+def small_config(tmp_path: Path, real_train: pl.DataFrame, real_test: pl.DataFrame) -> Config:
+    """40 real labelled rows + 10 real unlabelled rows, no spaCy (its own test covers it)."""
+    return make_config(tmp_path, real_train.head(40), real_test.head(10), **{"catalog.use_spacy": False,
+                                                                             "folds.k": 4, "folds.price_bands": 4})
+
+
+@pytest.fixture
+def store(small_config: Config) -> FeatureStore:
+    return FeatureStore(small_config.store.dir)

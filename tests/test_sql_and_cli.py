@@ -1,0 +1,94 @@
+"""The CLI as a user runs it, read-only SQL, and the config defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from featurestore.config import Config, ConfigError, load_config
+from featurestore.store import FeatureStore
+from sql.readonly import ReadOnlyViolation, run_query
+from tests.conftest import ROOT, SAMPLE, make_config
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One CLI build shared by the module's tests (each CLI start costs seconds of imports)."""
+    tmp_path = tmp_path_factory.mktemp("cli")
+    small_config = make_config(tmp_path, pl.read_parquet(SAMPLE / "train.parquet").head(40),
+                               pl.read_parquet(SAMPLE / "test.parquet").head(10))
+    args = ["build-features", "--store", small_config.store.dir, "--train", small_config.data.train,
+            "--test", small_config.data.test, "-q"]
+    config_path = tmp_path / "c.toml"
+    config_path.write_text('[catalog]\nuse_spacy = false\n[folds]\nk = 4\nprice_bands = 4\n')
+    result = _cli(*args, "--config", str(config_path))
+    assert result.returncode == 0, result.stderr
+    assert "catalog" in result.stdout and "built" in result.stdout
+    return Path(small_config.store.dir)
+
+
+def test_cli_build_then_sql(built_store: Path, tmp_path: Path) -> None:
+    result = _cli("sql", "SELECT unit, count(*) AS n FROM catalog GROUP BY 1 ORDER BY n DESC", "--store",
+                  str(built_store))
+    assert result.returncode == 0, result.stderr
+    assert "oz" in result.stdout and "fl_oz" in result.stdout
+    out = tmp_path / "units.parquet"
+    result = _cli("sql", "SELECT * FROM items", "--store", str(built_store), "--out", str(out))
+    assert result.returncode == 0 and pl.read_parquet(out).height == 50
+    tables = _cli("tables", "--store", str(built_store))
+    assert tables.returncode == 0 and "CatalogBuilder" in tables.stdout
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["DROP VIEW catalog", "COPY (SELECT * FROM items) TO '{out}'", "CREATE TABLE x AS SELECT 1",
+     "ATTACH '{out}.db' AS other", "SELECT 1; DELETE FROM manifest", "SET threads = 1", "INSTALL httpfs"],
+)
+def test_sql_is_read_only(built_store: Path, tmp_path: Path, query: str) -> None:
+    out = tmp_path / "leak.csv"
+    store = FeatureStore(built_store)
+    with pytest.raises(ReadOnlyViolation):
+        run_query(store, query.format(out=out))
+    assert not out.exists()
+    result = _cli("sql", query.format(out=out), "--store", str(built_store))
+    assert result.returncode == 2 and "read-only" in result.stderr
+    assert run_query(store, "SELECT count(*) AS n FROM catalog")["n"].item() == 50
+
+
+def test_cli_reports_bad_input_clearly(tmp_path: Path, real_train: pl.DataFrame) -> None:
+    bad = tmp_path / "bad.parquet"
+    real_train.head(5).with_columns(price=pl.lit(float("nan"))).write_parquet(bad)
+    result = _cli("ingest", "--train", str(bad), "--test", "", "--store", str(tmp_path / "s"))
+    assert result.returncode == 2
+    assert "bad.parquet, row 1, column 'price'" in result.stderr
+    assert not (tmp_path / "s" / "tables" / "items.parquet").exists()
+
+
+def test_help_everywhere() -> None:
+    for command in ([], ["ingest"], ["build-features"], ["tables"], ["sql"]):
+        result = _cli(*command, "--help")
+        assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_default_toml_matches_code_defaults() -> None:
+    assert dataclasses.asdict(load_config(ROOT / "configs" / "default.toml")) == dataclasses.asdict(Config())
+
+
+def test_config_rejects_unknown_and_mistyped_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[folds]\nkk = 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'kk'"):
+        load_config(path)
+    path.write_text('[folds]\nk = "five"\n')
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(path)
