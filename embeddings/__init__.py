@@ -1,0 +1,1 @@
+"""Deep models as feature producers: batch jobs that write embedding tables (text and image)."""

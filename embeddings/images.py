@@ -1,0 +1,178 @@
+"""Image files and image embeddings.
+
+`image_files`: one row per item with an image link — where its file is and what happened fetching it.
+`image_emb__<alias>`: an open_clip image embedding per item plus `image_ok`. Empty, truncated, corrupt,
+non-image, oversized and decompression-bomb files get a zero vector, `image_ok = false` and the reason in
+`image_error`; they never stop the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from embeddings.devices import resolve_device
+from embeddings.download import Downloader, FetchOutcome, resolve_local
+from embeddings.parts import run_in_parts, scratch_for
+from features.base import BuildContext, FeatureBuilder
+from featurestore.config import Config
+
+IMAGE_FILES_SCHEMA = {
+    "url": pl.String, "path": pl.String, "status": pl.String, "bytes": pl.Int64, "sha256": pl.String,
+    "error": pl.String,
+}
+
+
+def image_folder(config: Config, store_root: Path, source: str) -> Path:
+    icfg = config.images
+    if source == "folder":
+        if not config.data.images_dir:
+            raise ValueError("images.source = 'folder' needs data.images_dir; or set images.source = 'download'")
+        return Path(config.data.images_dir)
+    if source == "download":
+        return Path(icfg.download_dir) if icfg.download_dir else store_root / "images"
+    raise ValueError(f"images.source = {source!r}; expected 'folder' or 'download'")
+
+
+def outcomes_table(ids: pl.Series, outcomes: list[FetchOutcome]) -> pl.DataFrame:
+    rows = {o.sample_id: o for o in outcomes}
+    data: dict[str, list[Any]] = {name: [] for name in IMAGE_FILES_SCHEMA}
+    for sid in ids.to_list():
+        outcome = rows[sid]
+        for name in IMAGE_FILES_SCHEMA:
+            data[name].append(getattr(outcome, name))
+    return pl.DataFrame({"sample_id": ids, **data}, schema_overrides=IMAGE_FILES_SCHEMA)
+
+
+class ImageFilesBuilder(FeatureBuilder):
+    table = "image_files"
+    version = "1"
+    inputs = ("items",)
+
+    def __init__(self, config: Config, force_download: bool = False) -> None:
+        self.config = config
+        self.source = "download" if force_download else config.images.source
+
+    def params(self) -> dict[str, Any]:
+        i = self.config.images
+        return {"source": self.source, "images_dir": self.config.data.images_dir, "download_dir": i.download_dir,
+                "max_file_bytes": i.max_file_bytes}
+
+    def external_fingerprint(self) -> str:
+        if self.source != "folder" or not self.config.data.images_dir:
+            return ""
+        folder = Path(self.config.data.images_dir)
+        if not folder.is_dir():
+            return "missing"
+        listing = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in folder.iterdir())
+        return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
+
+    def build(self, ctx: BuildContext) -> pl.DataFrame:
+        items = ctx.store.read("items", columns=["sample_id", "image_link"]).sort("sample_id")
+        icfg = self.config.images
+        folder = image_folder(self.config, ctx.store.root, self.source)
+        pairs = list(zip(items["sample_id"].to_list(), items["image_link"].to_list(), strict=True))
+        if self.source == "folder":
+            outcomes = [resolve_local(folder, sid, url) for sid, url in pairs]
+        else:
+            downloader = Downloader(folder, timeout_s=icfg.timeout_s, retries=icfg.retries,
+                                    max_bytes=icfg.max_file_bytes, workers=icfg.workers, per_host=icfg.per_host)
+            outcomes = downloader.fetch_all(pairs, progress=ctx.progress)
+        return outcomes_table(items["sample_id"], outcomes)
+
+    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
+        return {"status_counts": dict(table.group_by("status").len().iter_rows())}
+
+
+def load_image(path: str | None, max_bytes: int, max_pixels: int) -> tuple[Any, str | None]:
+    """(RGB image, None) or (None, reason). Never raises for a bad file."""
+    from PIL import Image
+
+    if path is None:
+        return None, "no file"
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return None, "empty file"
+        if size > max_bytes:
+            return None, f"file is {size:,} bytes > images.max_file_bytes"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                # Checked from the header, before any pixel is decoded: a bomb never gets to allocate.
+                if image.width * image.height > max_pixels:
+                    return None, f"{image.width}x{image.height} pixels > images.max_pixels (decompression bomb?)"
+                image.load()
+                return image.convert("RGB"), None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def load_clip(config: Config) -> tuple[Any, Any, str]:
+    import open_clip
+
+    icfg = config.images
+    device = resolve_device(icfg.device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        icfg.model, pretrained=icfg.pretrained or None, device=device
+    )
+    model.eval()
+    return model, preprocess, device
+
+
+class ImageEmbeddingBuilder(FeatureBuilder):
+    version = "1"
+    inputs = ("image_files",)
+    extra_versions = ("torch", "open_clip_torch", "pillow")
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.table = f"image_emb__{config.images.alias}"
+
+    def params(self) -> dict[str, Any]:
+        i = self.config.images
+        return {"model": i.model, "pretrained": i.pretrained or "none (random init)", "max_pixels": i.max_pixels,
+                "max_file_bytes": i.max_file_bytes}
+
+    def build(self, ctx: BuildContext) -> pl.DataFrame:
+        import torch
+
+        icfg = self.config.images
+        files = ctx.store.read("image_files", columns=["sample_id", "path"]).sort("sample_id")
+        model, preprocess, device = load_clip(self.config)
+        dim = int(model.visual.output_dim)
+
+        def process(chunk: pl.DataFrame) -> pl.DataFrame:
+            vectors = np.zeros((chunk.height, dim), dtype=np.float32)
+            errors: list[str | None] = []
+            tensors, positions = [], []
+            for position, path in enumerate(chunk["path"].to_list()):
+                image, error = load_image(path, icfg.max_file_bytes, icfg.max_pixels)
+                errors.append(error)
+                if image is not None:
+                    tensors.append(preprocess(image))
+                    positions.append(position)
+            for start in range(0, len(tensors), icfg.batch_size):
+                batch = torch.stack(tensors[start : start + icfg.batch_size]).to(device)
+                with torch.no_grad(), torch.autocast(device_type=device.split(":")[0], enabled=device != "cpu"):
+                    features = model.encode_image(batch).float()
+                features = torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+                vectors[positions[start : start + icfg.batch_size]] = features
+            return chunk.select("sample_id").with_columns(
+                pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim)),
+                pl.Series("image_ok", [e is None for e in errors], dtype=pl.Boolean),
+                pl.Series("image_error", errors, dtype=pl.String),
+            )
+
+        scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
+        return run_in_parts(files, icfg.batch_size * 8, scratch, process, self.table, ctx.progress)
+
+    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
+        return {"dim": table.schema["embedding"].size, "images_ok": int(table["image_ok"].sum()),
+                "device": resolve_device(self.config.images.device)}

@@ -1,0 +1,103 @@
+"""`text_emb__<model>`: one sentence-transformers embedding per item (`sample_id`, `embedding` FLOAT[dim]).
+
+Texts are sorted by length so each batch pads little; parts are flushed to scratch so a crash resumes. Long
+texts are truncated at max_seq_length (default) or, with long_text = "chunk", split into token windows whose
+embeddings are mean-pooled and re-normalised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from embeddings.devices import resolve_device
+from embeddings.parts import run_in_parts, scratch_for
+from embeddings.text_models import resolve_text_model, table_name
+from features.base import BuildContext, FeatureBuilder
+from featurestore.config import Config
+
+
+def load_sentence_model(name: str, config: Config) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    tcfg = config.text_embeddings
+    device = resolve_device(tcfg.device)
+    model = SentenceTransformer(resolve_text_model(name, tcfg.cache_dir), device=device)
+    model.max_seq_length = tcfg.max_seq_length
+    if device.startswith("cuda"):
+        model.half()
+    return model
+
+
+def chunk_texts(model: Any, texts: list[str], window: int) -> tuple[list[str], np.ndarray]:
+    """Split each text into windows of `window` tokens (by the model's tokenizer offsets).
+
+    Returns the chunk texts and, per chunk, the index of the text it came from."""
+    encoded = model.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    chunks: list[str] = []
+    owners: list[int] = []
+    for index, (text, offsets) in enumerate(zip(texts, encoded["offset_mapping"], strict=True)):
+        if not offsets:
+            chunks.append(text)
+            owners.append(index)
+            continue
+        for start in range(0, len(offsets), window):
+            span = offsets[start : start + window]
+            chunks.append(text[span[0][0] : span[-1][1]])
+            owners.append(index)
+    return chunks, np.asarray(owners)
+
+
+def encode(model: Any, texts: list[str], batch_size: int, long_text: str) -> np.ndarray:
+    if long_text == "truncate":
+        return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    if long_text != "chunk":
+        raise ValueError(f"text_embeddings.long_text = {long_text!r}; expected 'truncate' or 'chunk'")
+    chunks, owners = chunk_texts(model, texts, window=model.max_seq_length - 2)
+    vectors = model.encode(chunks, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    pooled = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+    np.add.at(pooled, owners, vectors)
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True).clip(min=1e-12)
+    return pooled
+
+
+class TextEmbeddingBuilder(FeatureBuilder):
+    version = "1"
+    inputs = ("items",)
+    extra_versions = ("torch", "sentence-transformers", "transformers")
+
+    def __init__(self, config: Config, model_name: str) -> None:
+        self.config = config
+        self.model_name = model_name
+        self.table = table_name(model_name)
+
+    def params(self) -> dict[str, Any]:
+        t = self.config.text_embeddings
+        return {"model": self.model_name, "max_seq_length": t.max_seq_length, "long_text": t.long_text,
+                "normalized": True}
+
+    def build(self, ctx: BuildContext) -> pl.DataFrame:
+        tcfg = self.config.text_embeddings
+        items = ctx.store.read("items", columns=["sample_id", "text"])
+        # Longest first: batches hold texts of similar length (little padding), and the slowest part runs first.
+        rows = items.with_columns(length=pl.col("text").str.len_bytes()).sort(
+            ["length", "sample_id"], descending=[True, False]
+        )
+        model = load_sentence_model(self.model_name, self.config)
+        dim = model.get_sentence_embedding_dimension()
+
+        def process(chunk: pl.DataFrame) -> pl.DataFrame:
+            vectors = encode(model, chunk["text"].to_list(), tcfg.batch_size, tcfg.long_text).astype(np.float32)
+            return chunk.select("sample_id").with_columns(pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim)))
+
+        scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
+        table = run_in_parts(rows, tcfg.batch_size * tcfg.flush_every, scratch, process, self.table, ctx.progress)
+        out = items.select("sample_id").join(table, on="sample_id", how="left", maintain_order="left")
+        if out["embedding"].null_count():
+            raise RuntimeError(f"{self.table}: {out['embedding'].null_count()} rows got no embedding")
+        return out
+
+    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
+        return {"dim": table.schema["embedding"].size, "device": resolve_device(self.config.text_embeddings.device)}
