@@ -90,7 +90,8 @@ class TextEmbeddingBuilder(FeatureBuilder):
 
         def process(chunk: pl.DataFrame) -> pl.DataFrame:
             vectors = encode(model, chunk["text"].to_list(), tcfg.batch_size, tcfg.long_text).astype(np.float32)
-            return chunk.select("sample_id").with_columns(pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim)))
+            embedding = pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim))
+            return chunk.select("sample_id").with_columns(embedding)
 
         scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
         table = run_in_parts(rows, tcfg.batch_size * tcfg.flush_every, scratch, process, self.table, ctx.progress)

