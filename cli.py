@@ -84,6 +84,25 @@ def build_features(
     typer.echo(f"store: {fs.root}  (SQL: python cli.py sql \"SELECT * FROM catalog LIMIT 5\")")
 
 
+@app.command("download-images")
+def download_images(config: ConfigOpt = None, store: StoreOpt = None, train: TrainOpt = None, test: TestOpt = None,
+                    quiet: QuietOpt = False) -> None:
+    """Fetch every item's image (threads, per-host limits, retries, size cap) and record `image_files`.
+
+    Files already present and valid are skipped, so a rerun fetches only what failed."""
+    from embeddings.images import ImageFilesBuilder
+
+    cfg, fs = _setup(config, {"store.dir": store, "data.train": train, "data.test": test}, quiet)
+    _run(cfg, fs, ["items"], False, quiet)
+    try:
+        results = run_builders(BuildContext(store=fs, config=cfg, progress=not quiet),
+                               [ImageFilesBuilder(cfg, force_download=True)], force=True)
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    counts = fs.info("image_files").extra.get("status_counts", {})
+    typer.echo(f"image_files  {results[0].rows} rows  " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
 @app.command()
 def tables(config: ConfigOpt = None, store: StoreOpt = None) -> None:
     """List the tables in the store: rows, columns, builder, age."""

@@ -86,7 +86,9 @@ class TextEmbeddingBuilder(FeatureBuilder):
             ["length", "sample_id"], descending=[True, False]
         )
         model = load_sentence_model(self.model_name, self.config)
-        dim = model.get_sentence_embedding_dimension()
+        # sentence-transformers 6 renamed the method; older releases only have the first name.
+        dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        dim = dim_of()
 
         def process(chunk: pl.DataFrame) -> pl.DataFrame:
             vectors = encode(model, chunk["text"].to_list(), tcfg.batch_size, tcfg.long_text).astype(np.float32)

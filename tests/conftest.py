@@ -27,6 +27,7 @@ def real_test() -> pl.DataFrame:
 
 
 def make_config(tmp_path: Path, train: pl.DataFrame, test: pl.DataFrame | None, **overrides: object) -> Config:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     train_path = tmp_path / "train.parquet"
     train.write_parquet(train_path)
     test_path = ""

@@ -1,0 +1,150 @@
+"""Embedding jobs: real weights on tens of rows, resume after a crash, image fallbacks."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from features.base import BuildContext, run_builders
+from features.registry import builders_for
+from featurestore.config import Config
+from featurestore.store import FeatureStore
+from tests.conftest import SAMPLE, make_config
+
+
+def _text_config(tmp_path: Path, real_train: pl.DataFrame, rows: int = 24, **overrides: object) -> Config:
+    values = {"text_embeddings.models": ["minilm"], "text_embeddings.batch_size": 4,
+              "text_embeddings.flush_every": 1, "text_embeddings.max_seq_length": 64, "catalog.use_spacy": False}
+    values.update(overrides)
+    return make_config(tmp_path, real_train.head(rows), None, **values)
+
+
+def _run(config: Config, names: list[str]) -> FeatureStore:
+    store = FeatureStore(config.store.dir)
+    run_builders(BuildContext(store, config, progress=False), builders_for(config, names))
+    return store
+
+
+def test_minilm_vectors_finite_and_sized(tmp_path: Path, real_train: pl.DataFrame) -> None:
+    config = _text_config(tmp_path, real_train)
+    store = _run(config, ["items", "text_emb"])
+    table = store.read("text_emb__minilm")
+    assert table.height == 24 and table.schema["embedding"] == pl.Array(pl.Float32, 384)
+    vectors = table["embedding"].to_numpy()
+    assert np.isfinite(vectors).all()
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert table["sample_id"].to_list() == real_train.head(24)["sample_id"].to_list()
+    with store.connect() as con:
+        dim = con.execute("SELECT array_length(embedding) FROM text_emb__minilm LIMIT 1").fetchone()[0]
+    assert dim == 384
+
+
+def test_resume_after_crash_gives_identical_table(tmp_path: Path, real_train: pl.DataFrame,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import embeddings.text as text
+
+    reference = _run(_text_config(tmp_path / "ref", real_train), ["items", "text_emb"]).read("text_emb__minilm")
+
+    config = _text_config(tmp_path / "crash", real_train)
+    real_encode = text.encode
+    calls = {"n": 0}
+
+    def crashing_encode(*args: object, **kwargs: object) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed midway (simulated)")
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(text, "encode", crashing_encode)
+    with pytest.raises(KeyboardInterrupt):
+        _run(config, ["items", "text_emb"])
+    store = FeatureStore(config.store.dir)
+    assert not store.has_table("text_emb__minilm")
+    parts = list(store.scratch_dir.glob("text_emb__minilm-*/part-*.parquet"))
+    assert len(parts) == 3
+
+    calls["n"] = -1000  # no more crashes; count the parts the rerun really encodes
+    _run(config, ["items", "text_emb"])
+    assert calls["n"] == -1000 + 3  # 6 parts of 4 rows: 3 reused, 3 encoded
+    resumed = store.read("text_emb__minilm")
+    assert resumed["sample_id"].to_list() == reference["sample_id"].to_list()
+    np.testing.assert_allclose(resumed["embedding"].to_numpy(), reference["embedding"].to_numpy(), atol=1e-6)
+
+
+def test_chunk_mode_pools_long_texts(tmp_path: Path, real_train: pl.DataFrame) -> None:
+    long_rows = real_train.filter(pl.col("catalog_content").str.len_chars() > 1500).head(4)
+    config = _text_config(tmp_path, long_rows, rows=4, **{"text_embeddings.long_text": "chunk"})
+    chunked = _run(config, ["items", "text_emb"]).read("text_emb__minilm")["embedding"].to_numpy()
+    truncated_config = _text_config(tmp_path / "t", long_rows, rows=4)
+    truncated = _run(truncated_config, ["items", "text_emb"]).read("text_emb__minilm")["embedding"].to_numpy()
+    assert np.allclose(np.linalg.norm(chunked, axis=1), 1.0, atol=1e-4)
+    assert (np.abs(chunked - truncated).max(axis=1) > 1e-3).all()
+    info = FeatureStore(config.store.dir).info("text_emb__minilm")
+    assert info.params["long_text"] == "chunk"
+
+
+def test_mpnet_reassembled_offline(tmp_path: Path, real_train: pl.DataFrame) -> None:
+    config = _text_config(tmp_path, real_train, rows=6, **{"text_embeddings.models": ["mpnet"],
+                                                           "text_embeddings.max_seq_length": 32})
+    table = _run(config, ["items", "text_emb"]).read("text_emb__mpnet")
+    assert table.schema["embedding"] == pl.Array(pl.Float32, 768)
+    assert np.isfinite(table["embedding"].to_numpy()).all()
+
+
+def _png_bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buffer, format="PNG")  # 81 Mpx that compress to a few KB
+    return buffer.getvalue()
+
+
+def test_image_embeddings_with_fallbacks(tmp_path: Path, real_train: pl.DataFrame) -> None:
+    shipped = SAMPLE / "images"
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good_real = sorted(p for p in shipped.iterdir() if p.stat().st_size > 20_000)[:3]
+    empty_real = next(p for p in shipped.iterdir() if p.stat().st_size == 0)
+    files = {f"real{i}.jpg": p.read_bytes() for i, p in enumerate(good_real)}
+    generated = io.BytesIO()
+    Image.new("RGB", (300, 200), "blue").save(generated, format="PNG")
+    full = io.BytesIO()
+    Image.new("RGB", (400, 400), "green").save(full, format="JPEG")
+    files |= {
+        "generated.png": generated.getvalue(),
+        "empty.jpg": empty_real.read_bytes(),
+        "truncated.jpg": full.getvalue()[:600],
+        "corrupt.jpg": bytes(range(256)) * 4,
+        "text.jpg": b"<html>not an image</html>",
+        "bomb.png": _png_bomb(),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    names = [*files, "absent.jpg"]
+    train = real_train.head(len(names)).with_columns(
+        image_link=pl.Series([f"https://m.media-amazon.com/images/I/{n}" for n in names]))
+    config = make_config(tmp_path, train, None, **{
+        "data.images_dir": str(folder), "images.model": "ViT-S-32", "images.batch_size": 4,
+        "images.max_pixels": 50_000_000, "catalog.use_spacy": False})
+    store = _run(config, ["items", "image_files", "image_emb"])
+    table = store.read("image_emb__clip").join(
+        pl.DataFrame({"sample_id": train["sample_id"], "name": names}), on="sample_id")
+    ok = dict(zip(table["name"], table["image_ok"], strict=True))
+    assert ok == {"real0.jpg": True, "real1.jpg": True, "real2.jpg": True, "generated.png": True,
+                  "empty.jpg": False, "truncated.jpg": False, "corrupt.jpg": False, "text.jpg": False,
+                  "bomb.png": False, "absent.jpg": False}
+    vectors = table["embedding"].to_numpy()
+    assert vectors.shape == (len(names), 384) and np.isfinite(vectors).all()
+    good = table["image_ok"].to_numpy()
+    assert np.allclose(np.linalg.norm(vectors[good], axis=1), 1.0, atol=1e-3)
+    assert (vectors[~good] == 0).all()
+    errors = dict(zip(table["name"], table["image_error"], strict=True))
+    assert "decompression bomb" in errors["bomb.png"] and errors["empty.jpg"] == "empty file"
+    info = store.info("image_emb__clip")
+    assert info.params["pretrained"].startswith("none") and info.extra["images_ok"] == 4
+    with store.connect() as con:
+        n, share = con.execute("SELECT count(*), avg(image_ok::INT) FROM image_emb__clip").fetchone()
+    assert n == len(names) and share == pytest.approx(0.4)
