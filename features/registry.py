@@ -30,6 +30,22 @@ def _image_embeddings(config: Config) -> list[FeatureBuilder]:
     return [ImageEmbeddingBuilder(config)] if config.columns.image else []
 
 
+def _knn(config: Config) -> list[FeatureBuilder]:
+    from embeddings.text_models import table_name
+    from features.knn import KnnBuilder
+
+    # Spaces whose embedding table this config does not build (no images, a model left out) are skipped.
+    built = {table_name(m) for m in config.text_embeddings.models}
+    if config.columns.image:
+        built.add(f"image_emb__{config.images.alias}")
+    spaces = []
+    for space in config.knn.spaces:
+        needs = config.knn.concat if space == "concat" else [space]
+        if all(name in built for name in needs):
+            spaces.append(space)
+    return [KnnBuilder(config, space) for space in spaces]
+
+
 # Catalogs without images (columns.image = "") skip the image builders.
 REGISTRY: dict[str, BuilderFactory] = {
     "items": lambda config: [ItemsBuilder(config)],
@@ -38,6 +54,7 @@ REGISTRY: dict[str, BuilderFactory] = {
     "text_emb": _text_embeddings,
     "image_files": _image_files,
     "image_emb": _image_embeddings,
+    "knn": _knn,
 }
 
 

@@ -105,6 +105,19 @@ class ImageConfig:
 
 
 @dataclass
+class KnnConfig:
+    # Embedding tables to search; "concat" joins the tables listed in `concat` (each L2-normalised first).
+    spaces: list[str] = field(default_factory=lambda: ["text_emb__minilm", "text_emb__mpnet", "image_emb__clip",
+                                                       "concat"])
+    concat: list[str] = field(default_factory=lambda: ["text_emb__minilm", "image_emb__clip"])
+    ks: list[int] = field(default_factory=lambda: [5, 20, 50])
+    # "flat": exact inner product (fast enough at 75k on CPU); "hnsw" / "ivf": approximate, for large catalogs.
+    index: str = "flat"
+    # Neighbours whose text or image bytes equal the query's are skipped (duplicated products leak prices).
+    exclude_duplicates: bool = True
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
@@ -114,9 +127,10 @@ class Config:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     text_embeddings: TextEmbeddingConfig = field(default_factory=TextEmbeddingConfig)
     images: ImageConfig = field(default_factory=ImageConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
     # Which feature builders `build-features` runs, in order (names from features.registry).
     builders: list[str] = field(
-        default_factory=lambda: ["items", "folds", "catalog", "text_emb", "image_files", "image_emb"]
+        default_factory=lambda: ["items", "folds", "catalog", "text_emb", "image_files", "image_emb", "knn"]
     )
 
 

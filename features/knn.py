@@ -1,0 +1,172 @@
+"""`knn__<space>`: statistics of the log-prices of each row's nearest training neighbours, out of fold.
+
+Leak rules: a training row searches only the rows of the other folds (the shared `folds` table), so changing
+the prices of fold k never changes fold k's features; test rows search all training rows. Neighbours whose text
+or image bytes equal the query's are skipped on both sides (duplicated products would hand over their own
+price), and a row never sees itself (excluded by id). Ties in similarity are broken by neighbour id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import Any
+
+import faiss
+import numpy as np
+import polars as pl
+
+from features.base import BuildContext, FeatureBuilder
+from featurestore.config import Config
+
+TIE_MARGIN = 16  # extra neighbours fetched so ties at the k-th place can be broken by id
+
+
+def short_name(space: str) -> str:
+    return space.replace("_emb__", "_")
+
+
+def make_index(dim: int, kind: str, n_train: int) -> faiss.Index:
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 128
+    elif kind == "ivf":
+        nlist = max(1, min(4096, int(np.sqrt(n_train))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = max(1, nlist // 8)
+    else:
+        raise ValueError(f"knn.index = {kind!r}; expected 'flat', 'hnsw' or 'ivf'")
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and kind == "flat":
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def search(base: np.ndarray, queries: np.ndarray, k: int, kind: str = "flat") -> tuple[np.ndarray, np.ndarray]:
+    index = make_index(base.shape[1], kind, len(base))
+    if not index.is_trained:
+        index.train(base)
+    index.add(base)
+    return index.search(queries, min(k, len(base)))
+
+
+def neighbour_stats(
+    sims: np.ndarray, idx: np.ndarray, base_ids: np.ndarray, base_logp: np.ndarray, base_keys: list[np.ndarray],
+    query_ids: np.ndarray, query_keys: list[np.ndarray], ks: list[int], prefix: str,
+) -> dict[str, np.ndarray]:
+    """Per query: drop invalid/self/duplicate neighbours, order by (-similarity, id), then statistics."""
+    n = len(query_ids)
+    k_max = max(ks)
+    out: dict[str, np.ndarray] = {}
+    kept_logp = np.full((n, k_max), np.nan)
+    kept_sim = np.full((n, k_max), np.nan)
+    for row in range(n):
+        valid = idx[row] >= 0
+        cand = idx[row][valid]
+        sim = sims[row][valid]
+        keep = base_ids[cand] != query_ids[row]
+        for base_key, query_key in zip(base_keys, query_keys, strict=True):
+            if query_key[row] is not None:
+                keep &= base_key[cand] != query_key[row]
+        cand, sim = cand[keep], sim[keep]
+        order = np.lexsort((base_ids[cand], -sim))[:k_max]
+        kept_logp[row, : len(order)] = base_logp[cand[order]]
+        kept_sim[row, : len(order)] = sim[order]
+    out[f"{prefix}_nn1_logp"] = kept_logp[:, 0]
+    out[f"{prefix}_nn1_sim"] = kept_sim[:, 0]
+    with np.errstate(all="ignore"):
+        for k in ks:
+            lp, sm = kept_logp[:, :k], kept_sim[:, :k]
+            weights = np.clip(np.nan_to_num(sm, nan=0.0), 0, None) + 1e-6
+            weights = np.where(np.isnan(lp), 0.0, weights)
+            out[f"{prefix}_k{k}_mean"] = np.nanmean(lp, axis=1)
+            out[f"{prefix}_k{k}_median"] = np.nanmedian(lp, axis=1)
+            out[f"{prefix}_k{k}_wmean"] = np.nansum(np.nan_to_num(lp) * weights, axis=1) / weights.sum(axis=1)
+            out[f"{prefix}_k{k}_std"] = np.nanstd(lp, axis=1)
+            out[f"{prefix}_k{k}_min"] = np.nanmin(lp, axis=1)
+            out[f"{prefix}_k{k}_max"] = np.nanmax(lp, axis=1)
+            out[f"{prefix}_k{k}_sim_mean"] = np.nanmean(sm, axis=1)
+            out[f"{prefix}_k{k}_count"] = (~np.isnan(lp)).sum(axis=1).astype(np.int32)
+    return out
+
+
+def _normalised(table: pl.DataFrame) -> np.ndarray:
+    vectors = table["embedding"].to_numpy().astype(np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+def _hash(values: list[str | None]) -> np.ndarray:
+    return np.array([hashlib.sha1(v.encode()).hexdigest() if v else None for v in values], dtype=object)
+
+
+def _largest_group(key: np.ndarray) -> int:
+    return max(Counter(v for v in key if v is not None).values(), default=0)
+
+
+def knn_features(
+    ids: np.ndarray, vectors: np.ndarray, log_price: np.ndarray, fold: np.ndarray, keys: list[np.ndarray],
+    ks: list[int], prefix: str, index_kind: str = "flat",
+) -> dict[str, np.ndarray]:
+    """Features for every row. fold = -1 marks test rows (unlabelled); train rows have fold >= 0."""
+    n = len(ids)
+    # Fetch enough extra neighbours that skipping every duplicate of a query still leaves max(ks) of them.
+    margin = TIE_MARGIN + sum(_largest_group(k) for k in keys)
+    columns: dict[str, np.ndarray] = {}
+    train_mask = fold >= 0
+    # Each fold queries the other folds; test rows (fold -1) query all training rows.
+    for f in [*sorted(set(fold[train_mask].tolist())), -1]:
+        query_rows = np.flatnonzero(fold == f)
+        base_rows = np.flatnonzero(train_mask & (fold != f))
+        if len(query_rows) == 0 or len(base_rows) == 0:
+            continue
+        sims, idx = search(vectors[base_rows], vectors[query_rows], max(ks) + margin, index_kind)
+        stats = neighbour_stats(sims, idx, ids[base_rows], log_price[base_rows], [k[base_rows] for k in keys],
+                                ids[query_rows], [k[query_rows] for k in keys], ks, prefix)
+        for name, values in stats.items():
+            if name not in columns:
+                columns[name] = np.full(n, np.nan) if values.dtype.kind == "f" else np.zeros(n, dtype=values.dtype)
+            columns[name][query_rows] = values
+    return columns
+
+
+class KnnBuilder(FeatureBuilder):
+    version = "1"
+    extra_versions = ("faiss-cpu",)
+
+    def __init__(self, config: Config, space: str) -> None:
+        self.config = config
+        self.space = space
+        self.tables = list(config.knn.concat) if space == "concat" else [space]
+        self.table = f"knn__{short_name(space)}"
+        extra = ("image_files",) if config.columns.image and config.knn.exclude_duplicates else ()
+        self.inputs = ("items", "folds", *self.tables, *extra)
+
+    def params(self) -> dict[str, Any]:
+        k = self.config.knn
+        return {"space": self.space, "tables": self.tables, "ks": k.ks, "index": k.index,
+                "exclude_duplicates": k.exclude_duplicates}
+
+    def build(self, ctx: BuildContext) -> pl.DataFrame:
+        items = ctx.store.read("items", columns=["sample_id", "text", "price"]).sort("sample_id")
+        frame = items.join(ctx.store.read("folds"), on="sample_id", how="left").with_columns(
+            pl.col("fold").fill_null(-1))
+        parts = []
+        for name in self.tables:
+            table = ctx.store.read(name, columns=["sample_id", "embedding"]).sort("sample_id")
+            if not table["sample_id"].equals(frame["sample_id"]):
+                raise RuntimeError(f"{name} does not cover the same rows as items; rebuild it")
+            parts.append(_normalised(table))
+        vectors = np.ascontiguousarray(np.hstack(parts) / np.sqrt(len(parts)), dtype=np.float32)
+        keys: list[np.ndarray] = []
+        if self.config.knn.exclude_duplicates:
+            keys.append(_hash(frame["text"].to_list()))
+            if "image_files" in self.inputs:
+                files = frame.select("sample_id").join(ctx.store.read("image_files", columns=["sample_id", "sha256"]),
+                                                       on="sample_id", how="left")
+                keys.append(np.array(files["sha256"].to_list(), dtype=object))
+        columns = knn_features(frame["sample_id"].to_numpy(), vectors, np.log1p(frame["price"].to_numpy()),
+                               frame["fold"].to_numpy(), keys, self.config.knn.ks, short_name(self.space),
+                               self.config.knn.index)
+        return frame.select("sample_id").with_columns(**{k: pl.Series(v) for k, v in columns.items()})
