@@ -1,0 +1,80 @@
+"""kNN features: leak-freedom (out of fold, duplicates, self) and faiss vs brute force on real rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from features.knn import knn_features, search
+
+
+def _real_vectors(real_train: pl.DataFrame, n: int) -> np.ndarray:
+    """Deterministic real-text vectors without a model: hashed character trigrams of real catalog texts."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    texts = real_train.head(n)["catalog_content"].to_list()
+    matrix = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 3), n_features=256).transform(texts)
+    vectors = matrix.toarray().astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _setup(real_train: pl.DataFrame, n: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    ids = real_train.head(n)["sample_id"].to_numpy()
+    log_price = np.log1p(real_train.head(n)["price"].to_numpy())
+    fold = np.arange(n) % 5
+    fold[-20:] = -1  # the last 20 rows act as test rows
+    return ids, _real_vectors(real_train, n), log_price, fold
+
+
+def test_faiss_matches_brute_force(real_train: pl.DataFrame) -> None:
+    _, vectors, _, _ = _setup(real_train, 300)
+    sims, idx = search(vectors[:250], vectors[250:], 10)
+    brute = vectors[250:] @ vectors[:250].T
+    expected = np.sort(brute, axis=1)[:, ::-1][:, :10]
+    np.testing.assert_allclose(sims, expected, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(brute, idx, axis=1), sims, atol=1e-5)
+
+
+def test_changing_fold_prices_never_changes_that_folds_features(real_train: pl.DataFrame) -> None:
+    ids, vectors, log_price, fold = _setup(real_train)
+    keys = [np.array([None] * len(ids), dtype=object)]
+    base = knn_features(ids, vectors, log_price, fold, keys, [5, 20], "t")
+    for k in range(5):
+        changed = log_price.copy()
+        changed[fold == k] = np.random.default_rng(k).uniform(0, 8, (fold == k).sum())
+        again = knn_features(ids, vectors, changed, fold, keys, [5, 20], "t")
+        for name, values in base.items():
+            np.testing.assert_array_equal(again[name][fold == k], values[fold == k], err_msg=name)
+        # ...while other folds do see the change (the test can fail).
+        assert not np.allclose(again["t_k5_mean"][fold != k], base["t_k5_mean"][fold != k], equal_nan=True)
+
+
+def test_exact_duplicates_never_hand_over_their_price(real_train: pl.DataFrame) -> None:
+    ids, vectors, log_price, fold = _setup(real_train)
+    # Row 7 (fold 2) gets an exact twin in fold 3 and row 12 (fold 2) a twin in the same fold; a test row too.
+    twins = {7: 8, 12: 17, 190: 3}
+    text_key = np.array([f"text-{i}" for i in range(len(ids))], dtype=object)
+    for a, b in twins.items():
+        vectors[b] = vectors[a]
+        text_key[b] = text_key[a]
+        log_price[b] = 9.99  # a price nothing else has
+    out = knn_features(ids, vectors, log_price, fold, [text_key], [5], "t")
+    for a in twins:
+        assert out["t_nn1_logp"][a] != 9.99 and out["t_k5_max"][a] < 9.99
+        assert out["t_nn1_sim"][a] < 0.9999
+    # Without the duplicate key the twin would have been the nearest neighbour: the test can fail.
+    leaky = knn_features(ids, vectors, log_price, fold, [np.array([None] * len(ids), dtype=object)], [5], "t")
+    assert leaky["t_nn1_logp"][7] == 9.99 and leaky["t_nn1_logp"][190] == 9.99
+
+
+def test_no_self_and_ties_broken_by_id(real_train: pl.DataFrame) -> None:
+    ids = np.array([10, 3, 7, 5, 1], dtype=np.int64)
+    vectors = np.tile(np.array([[1.0, 0.0]], dtype=np.float32), (5, 1))  # all tied
+    log_price = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    fold = np.array([0, 1, 1, 1, -1])
+    keys = [np.array([None] * 5, dtype=object)]
+    out = knn_features(ids, vectors, log_price, fold, keys, [2], "t")
+    assert out["t_nn1_logp"][4] == 2.0  # test row: smallest id among ties is 3 (price 2.0)
+    assert out["t_nn1_logp"][0] == 2.0  # fold 0 sees fold 1: ids 3, 5, 7 -> id 3
+    assert out["t_nn1_logp"][1] == 1.0  # fold 1 sees only fold 0: id 10, never itself
+    assert out["t_k2_count"][1] == 1
