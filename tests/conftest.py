@@ -41,9 +41,10 @@ def make_config(tmp_path: Path, train: pl.DataFrame, test: pl.DataFrame | None, 
 
 @pytest.fixture
 def small_config(tmp_path: Path, real_train: pl.DataFrame, real_test: pl.DataFrame) -> Config:
-    """40 real labelled rows + 10 real unlabelled rows, no spaCy (its own test covers it)."""
-    return make_config(tmp_path, real_train.head(40), real_test.head(10), **{"catalog.use_spacy": False,
-                                                                             "folds.k": 4, "folds.price_bands": 4})
+    """40 real labelled rows + 10 real unlabelled rows; tabular builders only, no spaCy (their own tests cover
+    the embedding jobs and NER)."""
+    return make_config(tmp_path, real_train.head(40), real_test.head(10), **{
+        "catalog.use_spacy": False, "folds.k": 4, "folds.price_bands": 4, "builders": ["items", "folds", "catalog"]})
 
 
 @pytest.fixture

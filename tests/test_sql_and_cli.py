@@ -30,7 +30,9 @@ def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["build-features", "--store", small_config.store.dir, "--train", small_config.data.train,
             "--test", small_config.data.test, "-q"]
     config_path = tmp_path / "c.toml"
-    config_path.write_text('[catalog]\nuse_spacy = false\n[folds]\nk = 4\nprice_bands = 4\n')
+    config_path.write_text(
+        'builders = ["items", "folds", "catalog"]\n[catalog]\nuse_spacy = false\n[folds]\nk = 4\nprice_bands = 4\n'
+    )
     result = _cli(*args, "--config", str(config_path))
     assert result.returncode == 0, result.stderr
     assert "catalog" in result.stdout and "built" in result.stdout

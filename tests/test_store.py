@@ -81,7 +81,8 @@ def test_groups_never_straddle_folds(tmp_path: Path, real_train: pl.DataFrame) -
     from tests.conftest import make_config
 
     train = real_train.head(60).with_columns(seller=(pl.int_range(60) % 13).cast(pl.String))
-    config = make_config(tmp_path, train, None, **{"columns.group": "seller", "catalog.use_spacy": False})
+    config = make_config(tmp_path, train, None, **{"columns.group": "seller", "catalog.use_spacy": False,
+                                                   "builders": ["items", "folds"]})
     store = FeatureStore(config.store.dir)
     _build(config, store)
     joined = store.read("folds").join(store.read("items"), on="sample_id")
