@@ -7,7 +7,6 @@ present and decodable are skipped, so a rerun fetches only what failed.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
+
+from features.ingest import file_sha256
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._+\-]")
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -66,10 +67,6 @@ def is_valid_image(path: Path) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any decoder failure means "not a usable image"
         return False
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class HostGate:
@@ -142,7 +139,7 @@ class Downloader:
         except ValueError as exc:
             return FetchOutcome(sample_id, url, None, "invalid_url", None, None, str(exc))
         if target.is_file() and is_valid_image(target):
-            return FetchOutcome(sample_id, url, str(target), "cached", target.stat().st_size, sha256_file(target), None)
+            return FetchOutcome(sample_id, url, str(target), "cached", target.stat().st_size, file_sha256(target), None)
         host = urlparse(url).netloc
         last_error, status = "", "error"
         for attempt in range(self.retries + 1):
@@ -168,7 +165,7 @@ class Downloader:
             if not is_valid_image(target):
                 target.unlink(missing_ok=True)
                 return FetchOutcome(sample_id, url, None, "not_image", size, None, "downloaded bytes do not decode")
-            return FetchOutcome(sample_id, url, str(target), "ok", size, sha256_file(target), None)
+            return FetchOutcome(sample_id, url, str(target), "ok", size, file_sha256(target), None)
         return FetchOutcome(sample_id, url, None, status, None, None, last_error)
 
     def fetch_all(self, rows: Iterable[tuple[object, str | None]], progress: bool = True) -> list[FetchOutcome]:
@@ -200,4 +197,4 @@ def resolve_local(folder: Path, sample_id: object, url: str | None) -> FetchOutc
         return FetchOutcome(sample_id, url, None, "invalid_url", None, None, str(exc))
     if not path.is_file():
         return FetchOutcome(sample_id, url, None, "missing", None, None, f"{name} not in {folder}")
-    return FetchOutcome(sample_id, url, str(path), "local", path.stat().st_size, sha256_file(path), None)
+    return FetchOutcome(sample_id, url, str(path), "local", path.stat().st_size, file_sha256(path), None)
