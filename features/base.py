@@ -46,6 +46,10 @@ class FeatureBuilder(ABC):
     def params(self) -> dict[str, Any]:
         return {}
 
+    def code_sources(self) -> tuple[object, ...]:
+        """Classes or modules whose source the table depends on; editing any of them rebuilds the table."""
+        return (type(self),)
+
     def external_fingerprint(self) -> str:
         """Hash of anything read from outside the store (raw files, model weights). Empty when none."""
         return ""
@@ -56,9 +60,16 @@ class FeatureBuilder(ABC):
     def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
         return {}
 
+    def artifacts_ok(self, store: FeatureStore, fingerprint: str) -> bool:
+        """Files a build writes beside its table (saved models); a fresh table without them is rebuilt."""
+        return True
 
-def _module_source_hash(cls: type) -> str:
-    return hashlib.sha256(Path(inspect.getfile(cls)).read_bytes()).hexdigest()[:12]
+
+def _module_source_hash(sources: tuple[object, ...]) -> str:
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(Path(inspect.getfile(source)).read_bytes())  # type: ignore[arg-type]
+    return digest.hexdigest()[:12]
 
 
 def fingerprint_of(builder: FeatureBuilder, store: FeatureStore) -> str:
@@ -73,7 +84,7 @@ def fingerprint_of(builder: FeatureBuilder, store: FeatureStore) -> str:
         "builder": type(builder).__name__,
         "version": builder.version,
         # The builder's module source: editing the parsing code rebuilds its table without a manual bump.
-        "code": _module_source_hash(type(builder)),
+        "code": _module_source_hash(builder.code_sources()),
         "params": builder.params(),
         "upstream": upstream,
         "external": builder.external_fingerprint(),
@@ -93,7 +104,8 @@ def run_builders(ctx: BuildContext, builders: list[FeatureBuilder], force: bool 
     results = []
     for builder in builders:
         fingerprint = fingerprint_of(builder, ctx.store)
-        if not force and ctx.store.is_fresh(builder.table, fingerprint):
+        fresh = ctx.store.is_fresh(builder.table, fingerprint) and builder.artifacts_ok(ctx.store, fingerprint)
+        if not force and fresh:
             info = ctx.store.info(builder.table)
             assert info is not None
             log.info("%s: up to date (fingerprint %s), reused", builder.table, fingerprint)

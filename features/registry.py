@@ -8,6 +8,7 @@ from features.base import FeatureBuilder
 from features.catalog import CatalogBuilder
 from features.folds import FoldsBuilder
 from features.ingest import ItemsBuilder
+from features.target_encoding import TargetEncodingBuilder
 from featurestore.config import Config
 
 BuilderFactory = Callable[[Config], list[FeatureBuilder]]
@@ -51,6 +52,7 @@ REGISTRY: dict[str, BuilderFactory] = {
     "items": lambda config: [ItemsBuilder(config)],
     "folds": lambda config: [FoldsBuilder(config)],
     "catalog": lambda config: [CatalogBuilder(config)],
+    "target_enc": lambda config: [TargetEncodingBuilder(config)],
     "text_emb": _text_embeddings,
     "image_files": _image_files,
     "image_emb": _image_embeddings,

@@ -1,0 +1,74 @@
+"""`target_enc`: out-of-fold target encoding of catalog columns (brand, unit, ...).
+
+For each encoded column: `te_<column>` is the smoothed mean log1p(price) of rows sharing the value, and
+`te_<column>_count` how many such rows there were. Training rows of fold k are encoded from the other folds only
+(the shared `folds` table), test rows from all training rows: changing fold k's prices never changes fold k's
+encodings. A row never counts itself. Missing values and values unseen by the fitting rows get the prior (the
+fitting rows' mean) and count 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features.base import BuildContext, FeatureBuilder
+from featurestore.config import Config
+
+
+def encode_column(values: pl.Series, log_price: np.ndarray, fold: np.ndarray, smoothing: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Encodings and counts for every row; fold = -1 marks test rows."""
+    n = len(values)
+    encoded = np.full(n, np.nan)
+    counts = np.zeros(n, dtype=np.int32)
+    train_mask = fold >= 0
+    frame = pl.DataFrame({"value": values, "logp": log_price, "fold": fold})
+    for f in [*sorted(set(fold[train_mask].tolist())), -1]:
+        query = fold == f
+        if not query.any():
+            continue
+        fitting = frame.filter(pl.Series(train_mask & (fold != f)) & pl.col("value").is_not_null())
+        prior = float(frame.filter(pl.Series(train_mask & (fold != f)))["logp"].mean())
+        stats = fitting.group_by("value").agg(total=pl.col("logp").sum(), n=pl.len())
+        looked_up = frame.filter(pl.Series(query)).select("value").join(stats, on="value", how="left",
+                                                                        maintain_order="left")
+        n_seen = looked_up["n"].fill_null(0).to_numpy()
+        total = looked_up["total"].fill_null(0.0).to_numpy()
+        encoded[query] = (total + smoothing * prior) / (n_seen + smoothing)
+        counts[query] = n_seen
+    return encoded, counts
+
+
+class TargetEncodingBuilder(FeatureBuilder):
+    table = "target_enc"
+    version = "1"
+    inputs = ("items", "folds", "catalog")
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def params(self) -> dict[str, Any]:
+        t = self.config.target_encoding
+        return {"columns": t.columns, "smoothing": t.smoothing}
+
+    def build(self, ctx: BuildContext) -> pl.DataFrame:
+        cfg = self.config.target_encoding
+        catalog = ctx.store.read("catalog")
+        missing = [c for c in cfg.columns if c not in catalog.columns]
+        if missing:
+            raise ValueError(f"target_encoding.columns: {missing} are not columns of the catalog table "
+                             f"(it has: {', '.join(catalog.columns)})")
+        frame = (ctx.store.read("items", columns=["sample_id", "price"]).sort("sample_id")
+                 .join(ctx.store.read("folds"), on="sample_id", how="left").with_columns(pl.col("fold").fill_null(-1))
+                 .join(catalog.select(["sample_id", *cfg.columns]), on="sample_id", how="left"))
+        log_price = np.log1p(frame["price"].to_numpy())
+        fold = frame["fold"].to_numpy()
+        out = frame.select("sample_id")
+        for column in cfg.columns:
+            values = frame[column].cast(pl.String)
+            encoded, counts = encode_column(values, log_price, fold, cfg.smoothing)
+            out = out.with_columns(pl.Series(f"te_{column}", encoded), pl.Series(f"te_{column}_count", counts))
+        return out

@@ -1,0 +1,120 @@
+"""Feature matrices for the learners: named tables joined on sample_id by DuckDB, then a fitted column spec.
+
+Columns are qualified as "<table>.<column>" so two tables may both hold `embedding`. The spec is fitted on the
+training rows only and saved beside the models (JSON), so `predict` turns new rows into exactly the same columns:
+numbers and booleans pass through, strings with few distinct training values become category codes (unseen -> NaN),
+longer strings (item names, descriptions) are dropped, and array columns (embeddings) expand to one column per
+dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from featurestore.store import FeatureStore, quote_ident
+
+KEY_COLUMNS = ("sample_id", "split", "price", "fold")
+
+
+def load_frame(store: FeatureStore, tables: list[str], with_text: bool = False) -> pl.DataFrame:
+    """items (+ folds) left-joined with every table, one row per item, ordered by sample_id."""
+    missing = [t for t in tables if not store.has_table(t)]
+    if missing:
+        raise FileNotFoundError(
+            f"feature table(s) {missing} are not in the store at {store.root}; build them with "
+            "`python cli.py build-features` (or take them out of the learner's `tables`)"
+        )
+    select = ["i.sample_id", "i.split", "i.price", "coalesce(f.fold, -1)::INTEGER AS fold"]
+    if with_text:
+        select.append("i.text")
+    joins = []
+    for number, table in enumerate(tables):
+        alias = f"t{number}"
+        schema = pl.read_parquet_schema(store.table_path(table))
+        select += [f"{alias}.{quote_ident(c)} AS {quote_ident(f'{table}.{c}')}" for c in schema if c != "sample_id"]
+        joins.append(f"LEFT JOIN {quote_ident(table)} {alias} ON {alias}.sample_id = i.sample_id")
+    query = (f"SELECT {', '.join(select)} FROM items i LEFT JOIN folds f ON f.sample_id = i.sample_id "
+             f"{' '.join(joins)} ORDER BY i.sample_id")
+    with store.connect(read_only=True) as con:
+        return con.sql(query).pl()
+
+
+@dataclass
+class MatrixSpec:
+    tables: list[str]
+    numeric: list[str] = field(default_factory=list)
+    categorical: dict[str, list[str]] = field(default_factory=dict)
+    arrays: dict[str, int] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = list(self.numeric) + list(self.categorical)
+        for column, dim in self.arrays.items():
+            names += [f"{column}[{i}]" for i in range(dim)]
+        return names
+
+    @property
+    def categorical_indices(self) -> list[int]:
+        return list(range(len(self.numeric), len(self.numeric) + len(self.categorical)))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> MatrixSpec:
+        return cls(**json.loads(path.read_text()))
+
+
+def fit_spec(train: pl.DataFrame, tables: list[str], max_categories: int) -> MatrixSpec:
+    spec = MatrixSpec(tables=list(tables))
+    for column, dtype in train.schema.items():
+        if column in KEY_COLUMNS or column == "text":
+            continue
+        if isinstance(dtype, pl.Array):
+            spec.arrays[column] = dtype.size
+        elif dtype.is_numeric() or dtype == pl.Boolean:
+            spec.numeric.append(column)
+        elif dtype in (pl.String, pl.Categorical):
+            values = train[column].drop_nulls().unique().sort().to_list()
+            if 0 < len(values) <= max_categories:
+                spec.categorical[column] = [str(v) for v in values]
+            else:
+                spec.dropped.append(column)
+        else:
+            spec.dropped.append(column)
+    return spec
+
+
+def transform(spec: MatrixSpec, frame: pl.DataFrame) -> np.ndarray:
+    """float32 matrix with spec.feature_names columns; nulls and unseen categories are NaN."""
+    missing = [c for c in [*spec.numeric, *spec.categorical, *spec.arrays] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"feature columns {missing[:5]} (of {len(missing)}) are missing from the tables "
+                         f"{spec.tables}; the store was rebuilt with other settings than the models were trained on")
+    blocks: list[np.ndarray] = []
+    if spec.numeric:
+        blocks.append(frame.select(pl.col(spec.numeric).cast(pl.Float64)).to_numpy().astype(np.float32))
+    if spec.categorical:
+        codes = frame.select(
+            pl.col(c).cast(pl.String).replace_strict(vocab, list(range(len(vocab))), default=None,
+                                                     return_dtype=pl.Float64)
+            for c, vocab in spec.categorical.items()
+        )
+        blocks.append(codes.to_numpy().astype(np.float32))
+    for column, dim in spec.arrays.items():
+        values = frame[column]
+        if values.null_count():
+            raise ValueError(f"{column}: {values.null_count()} rows have no vector; rebuild that table")
+        matrix = values.to_numpy().astype(np.float32)
+        if matrix.shape != (frame.height, dim):
+            raise ValueError(f"{column}: expected {dim}-dim vectors, got shape {matrix.shape}")
+        blocks.append(matrix)
+    if not blocks:
+        raise ValueError(f"tables {spec.tables} hold no usable feature columns")
+    return np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)
