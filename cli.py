@@ -161,5 +161,92 @@ def sql(
         typer.echo(result)
 
 
+def _stack_summary(record: dict[str, Any]) -> None:
+    typer.echo(f"{'model':<14} {'CV SMAPE':>9}")
+    for name, value in record["base_cv_smape"].items():
+        typer.echo(f"{name:<14} {value:>9.2f}")
+    typer.echo(f"{'mean blend':<14} {record['mean_blend_cv_smape']:>9.2f}")
+    nested = "nested CV" if record["nested"] else "not nested: optimistic"
+    typer.echo(f"{'stack':<14} {record['stack_cv_smape']:>9.2f}  ({record['best_meta']}, {nested})")
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None, store: StoreOpt = None,
+    learner: Annotated[list[str] | None, typer.Option("--learner", help="only these learners (repeatable)")] = None,
+    force: Annotated[bool, typer.Option(help="retrain even when oof__<learner> is up to date")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Cross-fit base learners into oof__<learner> tables (each skipped when up to date)."""
+    from models.train import learner_builders
+
+    cfg, fs = _setup(config, {"store.dir": store}, quiet)
+    try:
+        builders = learner_builders(cfg, learner)
+        results = run_builders(BuildContext(store=fs, config=cfg, progress=not quiet), builders, force=force)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc))
+    for result in results:
+        extra = fs.info(result.table).extra  # type: ignore[union-attr]
+        typer.echo(f"{result.table:<20} {result.status:<7} OOF SMAPE {extra['oof_smape']:6.2f}  "
+                   f"{result.seconds:6.1f}s")
+
+
+@app.command()
+def stack(
+    config: ConfigOpt = None, store: StoreOpt = None,
+    trials: Annotated[int | None, typer.Option(help="Optuna trials per study (default: stacking.trials)")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train stale base learners, tune the meta-learner with Optuna, write predictions + submission.csv."""
+    from stacking.stack import run_stack
+
+    cfg, fs = _setup(config, {"store.dir": store, "stacking.trials": trials}, quiet)
+    if cfg.stacking.trials < 1:
+        _fail(f"--trials {cfg.stacking.trials}: expected at least 1")
+    try:
+        record = run_stack(fs, cfg, cfg.stacking.trials, progress=not quiet)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc))
+    _stack_summary(record)
+    typer.echo(f"submission: {record.get('submission', '(no test rows)')}\nrun record: {record['run_record']}")
+
+
+@app.command()
+def predict(
+    input: Annotated[Path, typer.Option("--input", help="new rows, CSV or Parquet (same columns as the test file)")],
+    config: ConfigOpt = None, store: StoreOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="CSV to write (sample_id,price)")] = Path("predictions.csv"),
+    quiet: QuietOpt = False,
+) -> None:
+    """Price new rows: same feature builders, stored fold models and stored meta-learner."""
+    from stacking.predict import predict_file
+
+    cfg, fs = _setup(config, {"store.dir": store}, quiet)
+    if not input.is_file():
+        _fail(f"--input {input}: file not found")
+    try:
+        predictions = predict_file(cfg, fs, input, out, progress=not quiet)
+    except (IngestError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {predictions.height} predictions to {out}")
+
+
+@app.command()
+def report(
+    config: ConfigOpt = None, store: StoreOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file (default <store>/report.html)")] = None,
+) -> None:
+    """HTML report: SMAPE per learner vs the stack, error by price band, GBDT importance, predicted vs true."""
+    from stacking.report import build_report
+
+    _, fs = _setup(config, {"store.dir": store}, True)
+    try:
+        path = build_report(fs, out or fs.root / "report.html")
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(f"report: {path}")
+
+
 if __name__ == "__main__":
     app()

@@ -19,7 +19,7 @@ import polars as pl
 
 from embeddings.devices import resolve_device
 from embeddings.download import Downloader, FetchOutcome, resolve_local
-from embeddings.parts import run_in_parts, scratch_for
+from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from features.base import BuildContext, FeatureBuilder
 from featurestore.config import Config
 
@@ -145,6 +145,14 @@ class ImageEmbeddingBuilder(FeatureBuilder):
 
         icfg = self.config.images
         files = ctx.store.read("image_files", columns=["sample_id", "path"]).sort("sample_id")
+        hashes = ctx.store.read("image_files", columns=["sample_id", "sha256"])
+        reused = reusable_rows([ctx.store, ctx.parent], self.table, reuse_key(self, self.params()), hashes,
+                               lambda store: store.read("image_files", columns=["sample_id", "sha256"]))
+        self._reused = 0 if reused is None else reused.height
+        if reused is not None:
+            files = files.join(reused.select("sample_id"), on="sample_id", how="anti")
+            if files.is_empty():
+                return reused.sort("sample_id")
         model, preprocess, device = load_clip(self.config)
         dim = int(model.visual.output_dim)
 
@@ -171,8 +179,12 @@ class ImageEmbeddingBuilder(FeatureBuilder):
             )
 
         scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
-        return run_in_parts(files, icfg.batch_size * 8, scratch, process, self.table, ctx.progress)
+        table = run_in_parts(files, icfg.batch_size * 8, scratch, process, self.table, ctx.progress)
+        if reused is not None:
+            table = pl.concat([reused.select(table.columns).cast(table.schema), table]).sort("sample_id")
+        return table
 
     def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
         return {"dim": table.schema["embedding"].size, "images_ok": int(table["image_ok"].sum()),
-                "device": resolve_device(self.config.images.device)}
+                "device": resolve_device(self.config.images.device),
+                "reuse_key": reuse_key(self, self.params()), "rows_reused": getattr(self, "_reused", 0)}

@@ -6,9 +6,13 @@ The part layout depends only on the (deterministic) row order and part size, so 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 from tqdm import tqdm
@@ -47,3 +51,32 @@ def run_in_parts(
             results.append(done)
             bar.update(chunk.height)
     return pl.concat(results)
+
+
+def reuse_key(builder: object, params: dict[str, Any]) -> str:
+    """Rows of an earlier build may be reused only when the builder's code and parameters are the same."""
+    source = Path(inspect.getfile(type(builder))).read_bytes()
+    payload = json.dumps(params, sort_keys=True, default=str).encode()
+    return hashlib.sha256(source + payload).hexdigest()[:16]
+
+
+def reusable_rows(stores: list[FeatureStore | None], table: str, key: str, wanted: pl.DataFrame,
+                  key_of: Callable[[FeatureStore], pl.DataFrame]) -> pl.DataFrame | None:
+    """Rows of an earlier `table` (in any of `stores`, e.g. the store a prediction run derives from) whose
+    reuse key matches and whose identifying columns (`wanted`: sample_id + text or file hash) are unchanged.
+
+    Embeddings cost minutes per thousand rows on a CPU: a new test file or a `predict` run only embeds rows it has
+    not seen. Returns None when nothing can be reused."""
+    found = []
+    for store in stores:
+        if store is None or not store.table_path(table).is_file():
+            continue
+        info = store.info(table)
+        if info is None or info.extra.get("reuse_key") != key:
+            continue
+        old = store.read(table).join(key_of(store), on="sample_id", how="inner")
+        found.append(old.join(wanted, on=wanted.columns, how="semi").drop([c for c in wanted.columns
+                                                                           if c != "sample_id"]))
+    if not found:
+        return None
+    return pl.concat(found).unique("sample_id", keep="first", maintain_order=True)

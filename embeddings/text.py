@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from embeddings.devices import resolve_device
-from embeddings.parts import run_in_parts, scratch_for
+from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from embeddings.text_models import resolve_text_model, table_name
 from features.base import BuildContext, FeatureBuilder
 from featurestore.config import Config
@@ -81,8 +81,11 @@ class TextEmbeddingBuilder(FeatureBuilder):
     def build(self, ctx: BuildContext) -> pl.DataFrame:
         tcfg = self.config.text_embeddings
         items = ctx.store.read("items", columns=["sample_id", "text"])
+        reused = reusable_rows([ctx.store, ctx.parent], self.table, reuse_key(self, self.params()), items,
+                               lambda store: store.read("items", columns=["sample_id", "text"]))
+        todo = items if reused is None else items.join(reused.select("sample_id"), on="sample_id", how="anti")
         # Longest first: batches hold texts of similar length (little padding), and the slowest part runs first.
-        rows = items.with_columns(length=pl.col("text").str.len_bytes()).sort(
+        rows = todo.with_columns(length=pl.col("text").str.len_bytes()).sort(
             ["length", "sample_id"], descending=[True, False]
         )
         model = load_sentence_model(self.model_name, self.config)
@@ -96,11 +99,20 @@ class TextEmbeddingBuilder(FeatureBuilder):
             return chunk.select("sample_id").with_columns(embedding)
 
         scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
-        table = run_in_parts(rows, tcfg.batch_size * tcfg.flush_every, scratch, process, self.table, ctx.progress)
+        if rows.height:
+            table = run_in_parts(rows, tcfg.batch_size * tcfg.flush_every, scratch, process, self.table,
+                                 ctx.progress)
+            if reused is not None:
+                table = pl.concat([reused.select(table.columns).cast(table.schema), table])
+        else:
+            assert reused is not None
+            table = reused
+        self._reused = 0 if reused is None else reused.height
         out = items.select("sample_id").join(table, on="sample_id", how="left", maintain_order="left")
         if out["embedding"].null_count():
             raise RuntimeError(f"{self.table}: {out['embedding'].null_count()} rows got no embedding")
         return out
 
     def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
-        return {"dim": table.schema["embedding"].size, "device": resolve_device(self.config.text_embeddings.device)}
+        return {"dim": table.schema["embedding"].size, "device": resolve_device(self.config.text_embeddings.device),
+                "reuse_key": reuse_key(self, self.params()), "rows_reused": getattr(self, "_reused", 0)}

@@ -32,6 +32,9 @@ class BuildContext:
     # Set by the runner for the build in progress: builders key their resumable scratch files on it.
     fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # A store whose row-wise tables (embeddings) may be reused for unchanged rows: `predict` derives its store
+    # from the training store this way.
+    parent: FeatureStore | None = None
 
 
 class FeatureBuilder(ABC):

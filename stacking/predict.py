@@ -1,0 +1,78 @@
+"""`python cli.py predict --input new.csv`: price new rows with the stored models and meta-learner.
+
+The new rows go through the very builders `build-features` runs (same code, same config): a prediction store
+`<store>/predict/<file>-<hash>/` is built with the training file as train and the new file as test, reusing the
+training store's embeddings for unchanged rows. Its test rows then get exactly the features a test row gets in
+training (kNN over all training rows, target encodings from all training rows), and the stored fold models and
+meta-learner predict them. Ids that are also training ids are refused by ingest: new rows must be new.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from features.base import BuildContext, run_builders
+from features.ingest import file_sha256
+from features.registry import builders_for
+from featurestore.config import Config
+from featurestore.store import FeatureStore, Timer
+from models.matrix import MatrixSpec
+from models.train import SPEC_FILE, predict_saved
+from stacking.stack import load_meta, meta_frame, write_submission
+
+
+def prediction_store_dir(store: FeatureStore, input_path: Path) -> Path:
+    return store.root / "predict" / f"{input_path.stem}-{file_sha256(input_path)[:12]}"
+
+
+def _check_same_settings(trained: FeatureStore, derived: FeatureStore, tables: set[str]) -> None:
+    for table in sorted(tables):
+        old, new = trained.info(table), derived.info(table)
+        if old is None or new is None:
+            raise RuntimeError(f"table {table} is missing from {'the training' if old is None else 'the prediction'} "
+                               "store")
+        if old.params != new.params:
+            raise RuntimeError(f"table {table} was built with {old.params} for training but {new.params} now; "
+                               "rerun `python cli.py stack` with this config")
+
+
+def predict_file(config: Config, store: FeatureStore, input_path: Path, out: Path, progress: bool = True
+                 ) -> pl.DataFrame:
+    info = store.info("predictions")
+    if info is None:
+        raise FileNotFoundError(f"no stack in {store.root}; run `python cli.py stack` first")
+    record = info.extra
+    derived_config = copy.deepcopy(config)
+    derived_config.data.test = str(input_path)
+    derived_dir = prediction_store_dir(store, input_path)
+    derived_config.store.dir = str(derived_dir)
+    derived = FeatureStore(derived_dir)
+    with Timer() as timer:
+        run_builders(BuildContext(derived, derived_config, progress=progress, parent=store),
+                     builders_for(derived_config))
+        learners = list(record["meta_features"][: len(record["base_cv_smape"])])
+        raw_features = list(record["meta_features"][len(learners):])
+        used = {f.partition(".")[0] for f in raw_features}
+        for name in learners:
+            model_dir = store.root / store.info(f"oof__{name}").extra["model_dir"]  # type: ignore[union-attr]
+            used |= set(MatrixSpec.load(model_dir / SPEC_FILE).tables)
+        _check_same_settings(store, derived, used)
+        frame = meta_frame(derived, [], raw_features).filter(pl.col("split") == "test").select(
+            "sample_id", *raw_features)
+        for name in learners:
+            base = predict_saved(derived, store, config, name).select("sample_id", pl.col("pred_log").alias(name))
+            frame = frame.join(base, on="sample_id", how="left", maintain_order="left")
+        meta, feature_names = load_meta(store.root / record["meta_model"], config)
+        x = frame.select(pl.col(feature_names).cast(pl.Float64)).to_numpy()
+        price = np.clip(np.expm1(meta.predict(x)), 0.01, None)
+    ids = frame["sample_id"].to_numpy()
+    predictions = pl.DataFrame({"sample_id": ids, "price": price})
+    derived.write("predictions", predictions, builder="Predictor",
+                  params={"input": str(input_path), "models": str(store.root)}, fingerprint=file_sha256(input_path),
+                  seconds=timer.seconds, extra={"meta_model": record["meta_model"]})
+    write_submission(out, ids, price, ids)
+    return predictions
