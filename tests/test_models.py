@@ -1,0 +1,219 @@
+"""Base learners and the stack: leak-freedom at both levels, determinism, submission format, native model files,
+and `predict` reproducing the pipeline's own test-time features and predictions bit for bit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features.base import BuildContext, run_builders
+from features.ingest import IngestError
+from features.registry import builders_for
+from features.target_encoding import encode_column
+from featurestore.config import Config
+from featurestore.store import FeatureStore
+from models.base import Inputs
+from models.matrix import fit_spec, load_frame, transform
+from models.registry import LEARNERS, learner_class
+from models.train import cross_fit, predict_saved
+from stacking.predict import predict_file, prediction_store_dir
+from stacking.stack import StackInputs, meta_frame, run_levels, run_stack, stack_inputs
+from tests.conftest import ROOT, make_config
+
+FAST = {
+    "catalog.use_spacy": False, "folds.k": 4, "folds.price_bands": 4,
+    "builders": ["items", "folds", "catalog", "target_enc"],
+    "models.threads": 1, "models.early_stopping_fraction": 0.15,
+    "models.lgbm.rounds": 60, "models.lgbm.early_stopping_rounds": 10,
+    "models.xgb.rounds": 60, "models.xgb.early_stopping_rounds": 10,
+    "models.catboost.rounds": 60, "models.catboost.early_stopping_rounds": 10,
+    "models.mlp.epochs": 4, "models.mlp.hidden": [16], "models.mlp.tfidf_max_features": 2000,
+    "models.mlp.early_stopping_epochs": 2,
+    **{f"models.{n}.tables": ["catalog", "target_enc"] for n in ("lgbm", "xgb", "catboost", "mlp")},
+}
+
+
+def fast_config(tmp_path: Path, train: pl.DataFrame, test: pl.DataFrame | None, **extra: object) -> Config:
+    return make_config(tmp_path, train, test, **{**FAST, **extra})
+
+
+def build(config: Config, parent: FeatureStore | None = None) -> FeatureStore:
+    store = FeatureStore(config.store.dir)
+    run_builders(BuildContext(store, config, progress=False, parent=parent), builders_for(config))
+    return store
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, FeatureStore, dict]:
+    """80 real labelled rows + 20 real unlabelled rows, all four learners, a 4-trial stack."""
+    tmp = tmp_path_factory.mktemp("stack")
+    sample = ROOT / "data" / "sample"
+    config = fast_config(tmp, pl.read_parquet(sample / "train.parquet").head(80),
+                         pl.read_parquet(sample / "test.parquet").head(20))
+    store = build(config)
+    record = run_stack(store, config, trials=4, progress=False)
+    return config, store, record
+
+
+def _matrix(store: FeatureStore, tables: list[str]) -> tuple[Inputs, pl.DataFrame, list[str], list[int]]:
+    frame = load_frame(store, tables, with_text=True)
+    spec = fit_spec(frame.filter(pl.col("split") == "train"), tables, 100)
+    return Inputs(transform(spec, frame)), frame, spec.feature_names, spec.categorical_indices
+
+
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_permuting_fold_k_targets_leaves_fold_k_oof_unchanged(name: str, stacked, tmp_path: Path) -> None:
+    config, store, _ = stacked
+    x, frame, names, categorical = _matrix(store, ["catalog", "target_enc"])
+    if learner_class(name)(config, 0, names, categorical).wants_text:
+        from models.mlp import TfidfText
+
+        tfidf = TfidfText(500)
+        tfidf.fit(frame.filter(pl.col("split") == "train")["text"].to_list())
+        x.sparse = tfidf.transform(frame["text"].to_list())
+    fold = frame["fold"].to_numpy()
+    price = frame["price"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    ids = frame["sample_id"].to_numpy()
+
+    def run(prices: np.ndarray, out: str) -> np.ndarray:
+        make = lambda k: learner_class(name)(config, 7 + k, names, categorical)  # noqa: E731
+        return cross_fit(make, x, prices, fold, ids, "log1p", 0.15, 7, tmp_path / out).oof
+
+    base = run(price, "a")
+    k = 1
+    permuted = price.copy()
+    rows = np.flatnonzero(fold == k)
+    permuted[rows] = price[rows][np.random.default_rng(0).permutation(len(rows))] * 3.0
+    again = run(permuted, "b")
+    assert np.array_equal(base[fold == k], again[fold == k]), "fold k's OOF moved with fold k's own targets"
+    assert not np.array_equal(base[fold == 0], again[fold == 0]), "the test must be able to fail"
+
+
+def test_target_encoding_is_out_of_fold(stacked) -> None:
+    _, store, _ = stacked
+    frame = store.read("items", columns=["sample_id", "price"]).sort("sample_id").join(
+        store.read("folds"), on="sample_id", how="left").with_columns(pl.col("fold").fill_null(-1)).join(
+        store.read("catalog", columns=["sample_id", "unit"]), on="sample_id")
+    fold = frame["fold"].to_numpy()
+    log_price = np.log1p(frame["price"].to_numpy())
+    base, _ = encode_column(frame["unit"], log_price, fold, 10.0)
+    changed = log_price.copy()
+    changed[fold == 2] += 5.0
+    again, _ = encode_column(frame["unit"], changed, fold, 10.0)
+    assert np.array_equal(base[fold == 2], again[fold == 2])
+    assert not np.array_equal(base[fold == 0], again[fold == 0])
+
+
+def test_stack_meta_predictions_ignore_their_own_fold_targets(stacked) -> None:
+    config, store, _ = stacked
+    frame = meta_frame(store, config.models.learners, config.stacking.raw_features)
+    inputs = stack_inputs(frame, config.models.learners, config.stacking.raw_features)
+    first = run_levels(inputs, config, 3, None, "leak-a")
+    permuted = inputs.price.copy()
+    rows = np.flatnonzero(inputs.fold == 2)
+    permuted[rows] = inputs.price[rows][::-1] * 2.0
+    moved = StackInputs(inputs.ids, inputs.fold, permuted, inputs.x, inputs.feature_names, inputs.n_base)
+    second = run_levels(moved, config, 3, None, "leak-b")
+    assert np.array_equal(first.meta_oof[inputs.fold == 2], second.meta_oof[inputs.fold == 2])
+    assert not np.array_equal(first.meta_oof[inputs.fold == 0], second.meta_oof[inputs.fold == 0])
+
+
+def test_submission_has_every_test_id_once(stacked) -> None:
+    config, store, record = stacked
+    submission = pl.read_csv(store.root / config.stacking.submission)
+    test_ids = store.read("items").filter(pl.col("split") == "test")["sample_id"]
+    assert submission.columns == ["sample_id", "price"]
+    assert submission.height == test_ids.len() == submission["sample_id"].n_unique()
+    assert set(submission["sample_id"].to_list()) == set(test_ids.to_list())
+    assert (submission["price"] > 0).all() and submission["price"].is_finite().all()
+    assert set(record["base_cv_smape"]) == set(LEARNERS)
+    assert 0 < record["stack_cv_smape"] < 200
+    run = json.loads(Path(record["run_record"]).read_text())
+    assert run["trials"] == 4 and run["best_meta"] in config.stacking.metas
+
+
+def test_models_are_saved_in_native_formats(stacked) -> None:
+    _, store, _ = stacked
+    files = [p for p in (store.root / "models").rglob("*") if p.is_file()]
+    suffixes = {p.name.split(".", 1)[1] for p in files if p.name.startswith("fold")}
+    assert suffixes == {"lgbm.txt", "xgb.json", "cbm", "pt"}
+    assert not [p for p in files if p.suffix in (".pkl", ".pickle", ".joblib")]
+    lgbm = next(p for p in files if p.name.endswith(".lgbm.txt"))
+    assert lgbm.read_text().startswith("tree")
+    xgb = next(p for p in files if p.name.endswith(".xgb.json"))
+    assert "learner" in json.loads(xgb.read_text())
+
+
+def test_same_seed_gives_identical_predictions(stacked, tmp_path: Path) -> None:
+    config, store, _ = stacked
+    again = fast_config(tmp_path, pl.read_parquet(config.data.train), pl.read_parquet(config.data.test))
+    store2 = build(again)
+    run_stack(store2, again, trials=4, progress=False)
+    for table in ["oof__lgbm", "oof__xgb", "oof__catboost", "oof__mlp", "stack_oof", "predictions"]:
+        assert store.read(table).equals(store2.read(table)), table
+
+
+def test_predict_reproduces_test_time_features_and_predictions(stacked, tmp_path: Path) -> None:
+    config, store, _ = stacked
+    out = tmp_path / "pred.csv"
+    predicted = predict_file(config, store, Path(config.data.test), out, progress=False)
+    derived = FeatureStore(prediction_store_dir(store, Path(config.data.test)))
+    test_ids = store.read("items").filter(pl.col("split") == "test").select("sample_id")
+    for table in ["catalog", "target_enc"]:
+        mine = test_ids.join(store.read(table), on="sample_id").sort("sample_id")
+        theirs = test_ids.join(derived.read(table), on="sample_id").sort("sample_id")
+        assert mine.equals(theirs), f"{table}: predict computed other test-time features"
+    for name in config.models.learners:
+        stored = store.read(f"oof__{name}").filter(pl.col("fold") == -1).select("sample_id", "pred").sort("sample_id")
+        assert stored.equals(predict_saved(derived, store, config, name).select("sample_id", "pred"))
+    assert predicted.sort("sample_id").equals(store.read("predictions").sort("sample_id"))
+    assert pl.read_csv(out).height == predicted.height
+
+    # A subset of the rows, in another file: each row's prediction does not depend on its batch-mates.
+    subset = tmp_path / "subset.parquet"
+    pl.read_parquet(config.data.test).tail(5).write_parquet(subset)
+    few = predict_file(config, store, subset, tmp_path / "few.csv", progress=False)
+    assert few.sort("sample_id").equals(store.read("predictions").join(few.select("sample_id"), on="sample_id")
+                                        .sort("sample_id"))
+
+
+def test_predict_refuses_training_ids(stacked, tmp_path: Path) -> None:
+    config, store, _ = stacked
+    rows = tmp_path / "train_rows.parquet"
+    pl.read_parquet(config.data.train).head(3).drop("price").write_parquet(rows)
+    with pytest.raises(IngestError, match="sample_id"):
+        predict_file(config, store, rows, tmp_path / "x.csv", progress=False)
+
+
+def test_cli_stack_predict_report(stacked, tmp_path: Path) -> None:
+    config, store, _ = stacked
+    toml = tmp_path / "fast.toml"
+    lines = ['builders = ["items", "folds", "catalog", "target_enc"]', "[catalog]", "use_spacy = false",
+             "[folds]", "k = 4", "price_bands = 4", "[models]", "threads = 1",
+             "[models.mlp]", 'tables = ["catalog", "target_enc"]', "epochs = 2", "hidden = [16]",
+             "[models.lgbm]", 'tables = ["catalog", "target_enc"]', "rounds = 30",
+             "[models.xgb]", 'tables = ["catalog", "target_enc"]', "rounds = 30",
+             "[models.catboost]", 'tables = ["catalog", "target_enc"]', "rounds = 30"]
+    toml.write_text("\n".join(lines) + "\n")
+    common = ["--config", str(toml), "--store", str(tmp_path / "s")]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    cli("build-features", *common, "--train", config.data.train, "--test", config.data.test, "-q")
+    stacked_out = cli("stack", *common, "--trials", "3", "-q").stdout
+    assert "stack" in stacked_out and "mean blend" in stacked_out
+    cli("predict", *common, "--input", config.data.test, "--out", str(tmp_path / "p.csv"), "-q")
+    assert pl.read_csv(tmp_path / "p.csv").height == 20
+    report = cli("report", *common).stdout
+    page = (tmp_path / "s" / "report.html").read_text()
+    assert "report.html" in report and page.count("data:image/png;base64") >= 4 and "SMAPE by true-price band" in page
