@@ -148,3 +148,28 @@ def test_image_embeddings_with_fallbacks(tmp_path: Path, real_train: pl.DataFram
     with store.connect() as con:
         n, share = con.execute("SELECT count(*), avg(image_ok::INT) FROM image_emb__clip").fetchone()
     assert n == len(names) and share == pytest.approx(0.4)
+
+
+def test_derived_store_embeds_only_new_rows(tmp_path: Path, real_train: pl.DataFrame, real_test: pl.DataFrame,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`predict` derives a store from the training store: unchanged rows keep their vectors bit for bit and
+    only the new rows reach the model."""
+    config = _text_config(tmp_path / "a", real_train, rows=12)
+    parent = _run(config, ["items", "text_emb"])
+    derived_config = make_config(tmp_path / "b", real_train.head(12), real_test.head(3), **{
+        "text_embeddings.models": ["minilm"], "text_embeddings.batch_size": 4, "text_embeddings.flush_every": 1,
+        "text_embeddings.max_seq_length": 64})
+    import embeddings.text as text_module
+
+    encoded: list[str] = []
+    original = text_module.encode
+    monkeypatch.setattr(text_module, "encode", lambda model, texts, *a: encoded.extend(texts) or original(
+        model, texts, *a))
+    derived = FeatureStore(derived_config.store.dir)
+    run_builders(BuildContext(derived, derived_config, progress=False, parent=parent),
+                 builders_for(derived_config, ["items", "text_emb"]))
+    assert sorted(encoded) == sorted(real_test.head(3)["catalog_content"].to_list())
+    old = parent.read("text_emb__minilm").sort("sample_id")
+    new = derived.read("text_emb__minilm").join(old.select("sample_id"), on="sample_id").sort("sample_id")
+    assert old.equals(new)
+    assert derived.info("text_emb__minilm").extra["rows_reused"] == 12
