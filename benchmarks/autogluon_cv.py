@@ -1,0 +1,65 @@
+"""AutoGluon-Tabular on an exported feature frame, cross-validated on the frame's own `fold` column.
+
+Runs in the environment that has `autogluon.tabular` (the `bench` extra; its pins clash with this project's newer
+scikit-learn/scipy, so benchmarks/bench_stack.py calls it through a separate interpreter). Imports nothing from
+the project. Fold k is predicted by a predictor fitted on the other folds with time_limit = budget / k, the label
+is log1p(price) with MAE (SMAPE's optimum sits near the median), and SMAPE is computed on prices.
+
+    python autogluon_cv.py --frame features.parquet --budget-s 600 --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+
+
+def smape(true: np.ndarray, pred: np.ndarray) -> float:
+    denominator = np.abs(true) + np.abs(pred)
+    return float(100 * np.mean(np.where(denominator > 0, 2 * np.abs(pred - true) / denominator, 0.0)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--frame", required=True)
+    parser.add_argument("--budget-s", type=float, required=True)
+    parser.add_argument("--presets", default="medium_quality")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from autogluon.tabular import TabularPredictor
+    from autogluon.tabular import __version__ as ag_version
+
+    frame = pd.read_parquet(args.frame)
+    frame = frame[frame["fold"] >= 0].reset_index(drop=True)
+    price = frame["price"].to_numpy(dtype=float)
+    features = frame.drop(columns=["sample_id", "split", "price", "fold"])
+    features["log_price"] = np.log1p(price)
+    folds = sorted(frame["fold"].unique().tolist())
+    oof = np.full(len(frame), np.nan)
+    per_fold = {}
+    started = time.perf_counter()
+    for k in folds:
+        train, held = frame["fold"] != k, frame["fold"] == k
+        with tempfile.TemporaryDirectory() as path:
+            predictor = TabularPredictor(label="log_price", eval_metric="mean_absolute_error", path=path,
+                                         verbosity=0)
+            predictor.fit(features[train], time_limit=args.budget_s / len(folds), presets=args.presets)
+            oof[held.to_numpy()] = predictor.predict(features[held].drop(columns=["log_price"])).to_numpy()
+            per_fold[int(k)] = {"smape": round(smape(price[held], np.expm1(oof[held.to_numpy()])), 4),
+                                "best_model": predictor.model_best}
+    result = {"autogluon_version": ag_version, "presets": args.presets, "budget_s": args.budget_s,
+              "seconds": round(time.perf_counter() - started, 1), "rows": len(frame),
+              "n_features": features.shape[1] - 1, "cv_smape": round(smape(price, np.expm1(oof)), 4),
+              "folds": per_fold}
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
