@@ -130,8 +130,14 @@ class CatBoostLearner(BaseLearner):
         return {k: v for k, v in self._params().items() if k != "thread_count"}
 
     def fit(self, train: Inputs, y: np.ndarray, watch: Inputs, y_watch: np.ndarray) -> None:
+        # CatBoost cannot boost Huber from the average, and from 0 a log-price target (~3) takes all the rounds
+        # to reach: start both pools at the median, then store the median as the model's bias (inside the cbm).
+        start = float(np.median(y))
         self.model = catboost.CatBoostRegressor(**self._params())
-        self.model.fit(train.dense, y, eval_set=(watch.dense, y_watch))
+        self.model.fit(catboost.Pool(train.dense, y, baseline=np.full(len(y), start)),
+                       eval_set=catboost.Pool(watch.dense, y_watch, baseline=np.full(len(y_watch), start)))
+        scale, bias = self.model.get_scale_and_bias()
+        self.model.set_scale_and_bias(scale, bias + start)
         self.best_iteration = int(self.model.get_best_iteration() or 0) + 1
 
     def predict(self, x: Inputs) -> np.ndarray:

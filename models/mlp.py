@@ -63,7 +63,8 @@ class PriceNet(nn.Module):
         self.register_buffer("y_mean", torch.zeros(()))
         self.register_buffer("y_scale", torch.ones(()))
         self.dense = nn.Linear(n_dense, width)
-        self.sparse = nn.EmbeddingBag(n_sparse, width, mode="sum") if n_sparse else None
+        # sparse=True: each step touches only the rows of the words in the batch, not all 50k x width weights.
+        self.sparse = nn.EmbeddingBag(n_sparse, width, mode="sum", sparse=True) if n_sparse else None
         layers: list[nn.Module] = [nn.ReLU(), nn.Dropout(dropout)]
         for size in hidden[1:]:
             layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
@@ -123,7 +124,11 @@ class MLPLearner(BaseLearner):
         self.net.y_mean.fill_(float(y.mean()))
         self.net.y_scale.fill_(float(y.std()) or 1.0)
         target = torch.from_numpy(((y - y.mean()) / (y.std() or 1.0)).astype(np.float32))
-        optimiser = torch.optim.AdamW(self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        dense_params = [p for name, p in self.net.named_parameters() if not name.startswith("sparse.")]
+        optimisers: list[torch.optim.Optimizer] = [
+            torch.optim.AdamW(dense_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)]
+        if self.net.sparse is not None:
+            optimisers.append(torch.optim.SparseAdam(list(self.net.sparse.parameters()), lr=cfg.learning_rate))
         loss_fn = self._loss()
         generator = torch.Generator().manual_seed(self.seed)
         best = (np.inf, copy.deepcopy(self.net.state_dict()), 0)
@@ -133,10 +138,12 @@ class MLPLearner(BaseLearner):
             for start in range(0, len(order), cfg.batch_size):
                 batch = order[start : start + cfg.batch_size]
                 part = train.rows(batch)
-                optimiser.zero_grad()
+                for optimiser in optimisers:
+                    optimiser.zero_grad()
                 loss = loss_fn(self.net(torch.from_numpy(part.dense), _bag(part.sparse)), target[batch])
                 loss.backward()
-                optimiser.step()
+                for optimiser in optimisers:
+                    optimiser.step()
             watch_loss = float(np.abs(self.predict(watch) - y_watch).mean())
             if watch_loss < best[0]:
                 best = (watch_loss, copy.deepcopy(self.net.state_dict()), epoch + 1)
