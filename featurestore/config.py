@@ -186,6 +186,8 @@ class StackingConfig:
                                                              "catalog.text_chars"])
     # Honest score: each outer fold's meta-learner is tuned and fitted without that fold's rows.
     nested: bool = True
+    # Stop a trial early when, after the same inner folds, it is worse than the median of earlier trials.
+    pruning: bool = True
     submission: str = "submission.csv"  # written in the store folder
 
 

@@ -140,7 +140,7 @@ class LightGBMMeta(MetaLearner):
     def suggest(trial: optuna.Trial) -> dict[str, Any]:
         return {"num_leaves": trial.suggest_int("lgbm_num_leaves", 4, 31, log=True),
                 "learning_rate": trial.suggest_float("lgbm_learning_rate", 0.01, 0.2, log=True),
-                "rounds": trial.suggest_int("lgbm_rounds", 50, 400, log=True),
+                "rounds": trial.suggest_int("lgbm_rounds", 30, 300, log=True),
                 "min_data_in_leaf": trial.suggest_int("lgbm_min_data_in_leaf", 5, 100, log=True),
                 "lambda_l2": trial.suggest_float("lgbm_lambda_l2", 1e-3, 10.0, log=True),
                 "objective": trial.suggest_categorical("lgbm_objective", ["huber", "regression_l1"])}
@@ -150,7 +150,7 @@ class LightGBMMeta(MetaLearner):
         params = {"objective": p["objective"], "alpha": 1.0, "num_leaves": p["num_leaves"],
                   "learning_rate": p["learning_rate"], "min_data_in_leaf": p["min_data_in_leaf"],
                   "lambda_l2": p["lambda_l2"], "seed": self.seed, "deterministic": True, "force_row_wise": True,
-                  "num_threads": self.threads, "verbosity": -1}
+                  "max_bin": 63, "num_threads": self.threads, "verbosity": -1}
         self.model = lgb.train(params, lgb.Dataset(x, y), num_boost_round=int(p["rounds"]))
 
     def predict(self, x: np.ndarray) -> np.ndarray:

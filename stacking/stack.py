@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,19 +94,24 @@ def make_meta(name: str, params: dict[str, Any], inputs: StackInputs, config: Co
     return meta_class(name)(params, inputs.n_base, config.stacking.seed, threads(config))
 
 
-def cv_predict(name: str, params: dict[str, Any], inputs: StackInputs, rows: np.ndarray, config: Config
-               ) -> np.ndarray:
+def cv_predict(name: str, params: dict[str, Any], inputs: StackInputs, rows: np.ndarray, config: Config,
+               after_fold: Callable[[int, float], None] | None = None) -> np.ndarray:
     """Level-2 CV restricted to `rows` (train rows): each of their folds predicted by a meta-learner fitted on
-    the others. Returns log1p-price predictions for `rows`."""
+    the others. Returns log1p-price predictions for `rows`. `after_fold(step, smape_so_far)` lets Optuna prune a
+    trial that is already worse than the median after its first folds."""
     out = np.full(len(rows), np.nan)
     row_fold = inputs.fold[rows]
-    for k in sorted(set(row_fold.tolist())):
+    done = np.zeros(len(rows), dtype=bool)
+    for step, k in enumerate(sorted(set(row_fold.tolist()))):
         fit, held = rows[row_fold != k], row_fold == k
         if len(fit) == 0:
             continue
         meta = make_meta(name, params, inputs, config)
         meta.fit(inputs.x[fit], inputs.y[fit])
         out[held] = meta.predict(inputs.x[rows[held]])
+        done |= held
+        if after_fold is not None:
+            after_fold(step, smape(inputs.price[rows[done]], np.expm1(out[done])))
     return out
 
 
@@ -124,12 +130,21 @@ def tune(study_name: str, inputs: StackInputs, rows: np.ndarray, config: Config,
     def objective(trial: optuna.Trial) -> float:
         meta = trial.suggest_categorical("meta", metas)
         params = meta_class(meta).suggest(trial)
-        pred = cv_predict(meta, params, inputs, rows, config)
+
+        def after_fold(step: int, value: float) -> None:
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        pred = cv_predict(meta, params, inputs, rows, config, after_fold if config.stacking.pruning else None)
         return smape(inputs.price[rows], np.expm1(pred))
 
+    # Median pruning: a trial worse than the median of earlier trials after the same folds stops early.
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=10) if config.stacking.pruning else None
     study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize",
-                                sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
-    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+                                sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner, load_if_exists=True)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = sum(t.state in finished for t in study.trials)
     if trials - done > 0:
         study.optimize(objective, n_trials=trials - done, show_progress_bar=progress)
     return study

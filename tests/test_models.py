@@ -3,6 +3,7 @@ and `predict` reproducing the pipeline's own test-time features and predictions 
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -217,3 +218,31 @@ def test_cli_stack_predict_report(stacked, tmp_path: Path) -> None:
     report = cli("report", *common).stdout
     page = (tmp_path / "s" / "report.html").read_text()
     assert "report.html" in report and page.count("data:image/png;base64") >= 4 and "SMAPE by true-price band" in page
+
+
+def test_study_resumes_from_the_store_journal(stacked) -> None:
+    """An interrupted `stack` resumes: the study lives in the store and only the missing trials run."""
+    from stacking.stack import journal_storage, tune
+
+    config, store, _ = stacked
+    frame = meta_frame(store, config.models.learners, config.stacking.raw_features)
+    inputs = stack_inputs(frame, config.models.learners, config.stacking.raw_features)
+    rows = np.flatnonzero(inputs.fold >= 0)
+    first = tune("resume-test", inputs, rows, config, 2, journal_storage(store), seed=3)
+    first_params = [t.params for t in first.trials]  # the Study object reads the storage live: snapshot it
+    assert len(first_params) == 2
+    resumed = tune("resume-test", inputs, rows, config, 5, journal_storage(store), seed=3)
+    assert len(resumed.trials) == 5
+    assert [t.params for t in resumed.trials[:2]] == first_params
+
+
+def test_stack_retrains_only_stale_learners(stacked) -> None:
+    config, store, _ = stacked
+    record = run_stack(store, config, trials=4, progress=False)
+    assert {b["status"] for b in record["base_learners"].values()} == {"reused"}
+    stale = copy.deepcopy(config)
+    stale.models.lgbm.learning_rate = 0.2
+    record = run_stack(store, stale, trials=4, progress=False)
+    statuses = {table: b["status"] for table, b in record["base_learners"].items()}
+    assert statuses == {"oof__lgbm": "built", "oof__xgb": "reused", "oof__catboost": "reused", "oof__mlp": "reused"}
+    run_stack(store, config, trials=4, progress=False)  # back to the module's settings for the other tests
