@@ -29,16 +29,24 @@ def load_frame(store: FeatureStore, tables: list[str], with_text: bool = False) 
             f"feature table(s) {missing} are not in the store at {store.root}; build them with "
             "`python cli.py build-features` (or take them out of the learner's `tables`)"
         )
-    select = ["i.sample_id", "i.split", "i.price", "coalesce(f.fold, -1)::INTEGER AS fold"]
-    if with_text:
-        select.append("i.text")
+    select = ["i.text"] if with_text else []
     joins = []
     for number, table in enumerate(tables):
         alias = f"t{number}"
         schema = pl.read_parquet_schema(store.table_path(table))
         select += [f"{alias}.{quote_ident(c)} AS {quote_ident(f'{table}.{c}')}" for c in schema if c != "sample_id"]
-        joins.append(f"LEFT JOIN {quote_ident(table)} {alias} ON {alias}.sample_id = i.sample_id")
-    query = (f"SELECT {', '.join(select)} FROM items i LEFT JOIN folds f ON f.sample_id = i.sample_id "
+        joins.append(left_join(table, alias))
+    return query_items(store, select, joins)
+
+
+def left_join(table: str, alias: str) -> str:
+    return f"LEFT JOIN {quote_ident(table)} {alias} ON {alias}.sample_id = i.sample_id"
+
+
+def query_items(store: FeatureStore, select: list[str], joins: list[str]) -> pl.DataFrame:
+    """One row per item (alias `i`) with KEY_COLUMNS first (fold -1 on test rows), then `select` over `joins`."""
+    columns = ["i.sample_id", "i.split", "i.price", "coalesce(f.fold, -1)::INTEGER AS fold", *select]
+    query = (f"SELECT {', '.join(columns)} FROM items i LEFT JOIN folds f ON f.sample_id = i.sample_id "
              f"{' '.join(joins)} ORDER BY i.sample_id")
     with store.connect(read_only=True) as con:
         return con.sql(query).pl()

@@ -141,7 +141,8 @@ class LearnerBuilder(FeatureBuilder):
             if old != model_dir:
                 shutil.rmtree(old, ignore_errors=True)
         model_dir.mkdir(parents=True, exist_ok=True)
-        wants_text = self.cls(self.config, m.seed, [], []).wants_text
+        probe = self.cls(self.config, m.seed, [], [])  # settings only: wants_text, recorded_params
+        wants_text = probe.wants_text
         frame = load_frame(ctx.store, self.tables, with_text=wants_text)
         train = frame.filter(pl.col("split") == "train")
         spec = fit_spec(train, self.tables, m.max_categories)
@@ -170,7 +171,7 @@ class LearnerBuilder(FeatureBuilder):
             "best_iterations": result.best_iterations,
             "fold_seconds": result.seconds,
             "objective": getattr(m, self.name).objective if hasattr(m, self.name) else None,
-            "library_params": self.cls(self.config, m.seed, [], []).recorded_params(),
+            "library_params": probe.recorded_params(),
             "n_features": len(spec.feature_names),
             "n_sparse_features": 0 if x.sparse is None else x.sparse.shape[1],
             "dropped_columns": spec.dropped,

@@ -30,6 +30,7 @@ import polars as pl
 from featurestore.config import Config
 from featurestore.store import FeatureStore, Timer, quote_ident
 from models.base import save_atomic, threads
+from models.matrix import left_join, query_items
 from models.metrics import smape
 from stacking.meta import MetaLearner, meta_class
 
@@ -54,14 +55,14 @@ class StackInputs:
 
 def meta_frame(store: FeatureStore, learners: list[str], raw_features: list[str]) -> pl.DataFrame:
     """items + folds + each learner's pred_log + raw features, joined by DuckDB, ordered by sample_id."""
-    select = ["i.sample_id", "i.split", "i.price", "coalesce(f.fold, -1)::INTEGER AS fold"]
+    select: list[str] = []
     joins = []
     for n, learner in enumerate(learners):
         table = f"oof__{learner}"
         if not store.has_table(table):
             raise FileNotFoundError(f"table {table} is missing; `python cli.py stack` trains it")
         select.append(f"o{n}.pred_log AS {quote_ident(learner)}")
-        joins.append(f"LEFT JOIN {quote_ident(table)} o{n} ON o{n}.sample_id = i.sample_id")
+        joins.append(left_join(table, f"o{n}"))
     raw_tables: dict[str, str] = {}
     for feature in raw_features:
         table, _, column = feature.partition(".")
@@ -73,13 +74,9 @@ def meta_frame(store: FeatureStore, learners: list[str], raw_features: list[str]
             raise ValueError(f"stacking.raw_features names {feature!r}, but {table} has no column {column!r}")
         if table not in raw_tables:
             raw_tables[table] = f"r{len(raw_tables)}"
-            alias = raw_tables[table]
-            joins.append(f"LEFT JOIN {quote_ident(table)} {alias} ON {alias}.sample_id = i.sample_id")
+            joins.append(left_join(table, raw_tables[table]))
         select.append(f"{raw_tables[table]}.{quote_ident(column)}::DOUBLE AS {quote_ident(feature)}")
-    query = (f"SELECT {', '.join(select)} FROM items i LEFT JOIN folds f ON f.sample_id = i.sample_id "
-             f"{' '.join(joins)} ORDER BY i.sample_id")
-    with store.connect(read_only=True) as con:
-        return con.sql(query).pl()
+    return query_items(store, select, joins)
 
 
 def stack_inputs(frame: pl.DataFrame, learners: list[str], raw_features: list[str]) -> StackInputs:
