@@ -1,7 +1,9 @@
 """`knn__<space>`: statistics of the log-prices of each row's nearest training neighbours, out of fold.
 
 Leak rules: a training row searches only the rows of the other folds (the shared `folds` table), so changing
-the prices of fold k never changes fold k's features; test rows search all training rows. Neighbours whose text
+the prices of fold k never changes fold k's features. Test rows search each fold's fitting rows in turn and get
+the mean of those per-fold statistics, so they see (k-1)/k of the training rows like a training row does (the
+same distribution as the out-of-fold features the learners were fitted on). Neighbours whose text
 or image bytes equal the query's are skipped on both sides (duplicated products would hand over their own
 price), and a row never sees itself (excluded by id). Ties in similarity are broken by neighbour id.
 """
@@ -18,6 +20,7 @@ import polars as pl
 
 from features.base import BuildContext, FeatureBuilder
 from featurestore.config import Config
+from featurestore.folds import fold_plan
 
 TIE_MARGIN = 16  # extra neighbours fetched so ties at the k-th place can be broken by id
 
@@ -114,25 +117,36 @@ def knn_features(
     # Fetch enough extra neighbours that skipping every duplicate of a query still leaves max(ks) of them.
     margin = TIE_MARGIN + sum(_largest_group(k) for k in keys)
     columns: dict[str, np.ndarray] = {}
-    train_mask = fold >= 0
-    # Each fold queries the other folds; test rows (fold -1) query all training rows.
-    for f in [*sorted(set(fold[train_mask].tolist())), -1]:
-        query_rows = np.flatnonzero(fold == f)
-        base_rows = np.flatnonzero(train_mask & (fold != f))
-        if len(query_rows) == 0 or len(base_rows) == 0:
+    test_rows = np.flatnonzero(fold < 0)
+    plan = list(fold_plan(fold))
+    # Each fold queries the other folds; so does every test row, once per fold, and averages what it finds.
+    for _, query_rows, base_rows in plan:
+        if len(base_rows) == 0:
             continue
-        sims, idx = search(vectors[base_rows], vectors[query_rows], max(ks) + margin, index_kind)
+        queries = np.concatenate([query_rows, test_rows])
+        sims, idx = search(vectors[base_rows], vectors[queries], max(ks) + margin, index_kind)
         stats = neighbour_stats(sims, idx, ids[base_rows], log_price[base_rows], [k[base_rows] for k in keys],
-                                ids[query_rows], [k[query_rows] for k in keys], ks, prefix)
+                                ids[queries], [k[queries] for k in keys], ks, prefix)
         for name, values in stats.items():
             if name not in columns:
-                columns[name] = np.full(n, np.nan) if values.dtype.kind == "f" else np.zeros(n, dtype=values.dtype)
-            columns[name][query_rows] = values
+                columns[name] = np.full(n, np.nan)
+                columns[name][test_rows] = 0.0
+            columns[name][query_rows] = values[: len(query_rows)]
+            # nan-safe mean over folds: a statistic a fold could not compute counts as missing for that fold
+            columns[name][test_rows] += np.nan_to_num(values[len(query_rows):], nan=0.0)
+            seen = f"_seen_{name}"
+            if seen not in columns:
+                columns[seen] = np.zeros(n)
+            columns[seen][test_rows] += ~np.isnan(values[len(query_rows):])
+    for name in [c for c in columns if not c.startswith("_seen_")]:
+        seen = columns.pop(f"_seen_{name}")[test_rows]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            columns[name][test_rows] = np.where(seen > 0, columns[name][test_rows] / seen, np.nan)
     return columns
 
 
 class KnnBuilder(FeatureBuilder):
-    version = "1"
+    version = "2"
     extra_versions = ("faiss-cpu",)
 
     def __init__(self, config: Config, space: str) -> None:

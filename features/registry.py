@@ -9,6 +9,7 @@ from features.catalog import CatalogBuilder
 from features.folds import FoldsBuilder
 from features.ingest import ItemsBuilder
 from features.target_encoding import TargetEncodingBuilder
+from features.text_sparse import TextSparseBuilder
 from featurestore.config import Config
 
 BuilderFactory = Callable[[Config], list[FeatureBuilder]]
@@ -53,6 +54,7 @@ REGISTRY: dict[str, BuilderFactory] = {
     "folds": lambda config: [FoldsBuilder(config)],
     "catalog": lambda config: [CatalogBuilder(config)],
     "target_enc": lambda config: [TargetEncodingBuilder(config)],
+    "text_sparse": lambda config: [TextSparseBuilder(config)],
     "text_emb": _text_embeddings,
     "image_files": _image_files,
     "image_emb": _image_embeddings,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,17 +75,27 @@ def _create_view(con: duckdb.DuckDBPyConnection, name: str, path: Path) -> None:
     con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS SELECT *{replace} FROM read_parquet({literal})")
 
 
-def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
-    """Write next to the target, fsync, then rename: readers see the old file or the new one, never half."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` next to the target, fsync, then rename: readers see the old file or the new one, never half.
+
+    The temp name keeps the real suffix (XGBoost picks its format from the extension)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        df.write_parquet(tmp, compression="zstd")
+        write(tmp)
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: df.write_parquet(tmp, compression="zstd"))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 @dataclass

@@ -1,17 +1,21 @@
 """The base-learner protocol: fit on a feature matrix, predict, save and load in the library's native format.
 
-Learners see numpy arrays only (plus, for learners that read text, a sparse TF-IDF matrix); assembling those from
-the store's tables is `models.matrix`'s job and the cross-fitting loop is `models.train`'s.
+Learners see `Inputs` only: a dense float32 block (parsed fields, encodings, embeddings) and, for learners that
+read sparse tables, a scipy CSR block (`text_sparse`). Assembling those from the store's tables is
+`models.matrix`'s job; the cross-fitting loop is `models.train`'s and names no learner.
+
+Like scikit-learn's estimators: the constructor stores settings, `fit` does the work (validate -> `_fit`), fitted
+state ends in `_`. Like AutoGluon's models: capabilities are class attributes and `register` keys the registry
+by `name`, refusing duplicates.
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -32,64 +36,143 @@ class Inputs:
     def __len__(self) -> int:
         return self.dense.shape[0]
 
+    def combined(self) -> np.ndarray | sp.csr_matrix:
+        """Dense columns then sparse columns, as CSR when there is a sparse block (never densified)."""
+        if self.sparse is None:
+            return self.dense
+        return sp.hstack([sp.csr_matrix(self.dense), self.sparse], format="csr", dtype=np.float32)
+
+
+class NotFittedError(RuntimeError):
+    """`predict`, `save` or `importance` before `fit` or `load`."""
+
 
 class BaseLearner(ABC):
-    """One model of one fold. `name` keys the registry and the `oof__<name>` table."""
+    """One model of one fold. `name` keys the registry, the `[models.<name>]` settings and `oof__<name>`."""
 
-    name: str
+    name: ClassVar[str]
     # File name of a saved fold model, "{fold}" filled in (the extension says the format).
-    file_pattern: str
+    file_pattern: ClassVar[str]
+    # Whether sparse tables (text_sparse) may be in its feature set; they arrive in Inputs.sparse.
+    reads_sparse: ClassVar[bool] = False
+    # Learners that early-stop get a watch slice of the fold's training rows; the others train on all of them.
+    uses_early_stopping: ClassVar[bool] = True
 
-    def __init__(self, config: Config, seed: int, feature_names: list[str], categorical: list[int]) -> None:
-        self.config = config
+    def __init__(self, settings: Any, seed: int, threads: int, feature_names: list[str],
+                 categorical: list[int]) -> None:
+        self.settings = settings
         self.seed = seed
+        self.threads = threads
         self.feature_names = feature_names
         self.categorical = categorical
-        self.best_iteration: int | None = None
+        self.best_iteration_: int | None = None
+        self.fitted_ = False
 
-    @property
-    def wants_text(self) -> bool:
-        """Learners that read the item text get its sparse TF-IDF matrix in Inputs.sparse."""
-        return False
+    # -- template methods ---------------------------------------------------------------------------
+    def fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None = None, y_watch: np.ndarray | None = None
+            ) -> BaseLearner:
+        """Fit on `train`; `watch` (a slice of the fold's training rows, never the validation fold) drives early
+        stopping for learners that use it."""
+        self._check_inputs(train, "train")
+        if len(train) != len(y) or len(train) == 0:
+            raise ValueError(f"{self.name}: {len(train)} training rows but {len(y)} targets")
+        if not np.all(np.isfinite(y)):
+            raise ValueError(f"{self.name}: the training target has non-finite values")
+        if self.uses_early_stopping:
+            if watch is None or y_watch is None or len(watch) == 0:
+                raise ValueError(f"{self.name} early-stops and needs a non-empty watch slice")
+            self._check_inputs(watch, "watch")
+        self._fit(train, y, watch, y_watch)
+        self.fitted_ = True
+        return self
 
-    @abstractmethod
-    def fit(self, train: Inputs, y: np.ndarray, watch: Inputs, y_watch: np.ndarray) -> None:
-        """Fit on `train`; `watch` (a slice of the training folds, never the validation fold) drives early stopping."""
+    def predict(self, x: Inputs) -> np.ndarray:
+        self._require_fitted("predict")
+        self._check_inputs(x, "predict")
+        return np.asarray(self._predict(x), dtype=np.float64)
 
-    @abstractmethod
-    def predict(self, x: Inputs) -> np.ndarray: ...
+    def save(self, path: Path) -> None:
+        self._require_fitted("save")
+        self._save(path)
 
-    @abstractmethod
-    def save(self, path: Path) -> None: ...
-
-    @abstractmethod
-    def load(self, path: Path) -> None: ...
+    def load(self, path: Path) -> BaseLearner:
+        self._load(path)
+        self.fitted_ = True
+        return self
 
     def importance(self) -> dict[str, float]:
-        """Gain importance per feature name (GBDTs); empty when the model has none."""
+        """Gain importance per feature name; empty when the model has none."""
+        self._require_fitted("importance")
+        return self._importance()
+
+    # -- what a learner implements --------------------------------------------------------------------
+    @abstractmethod
+    def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None: ...
+
+    @abstractmethod
+    def _predict(self, x: Inputs) -> np.ndarray: ...
+
+    @abstractmethod
+    def _save(self, path: Path) -> None: ...
+
+    @abstractmethod
+    def _load(self, path: Path) -> None: ...
+
+    def _importance(self) -> dict[str, float]:
         return {}
 
     def recorded_params(self) -> dict[str, Any]:
         return {}
 
+    @property
+    def best_iteration(self) -> int | None:
+        return self.best_iteration_
+
+    # -- checks ---------------------------------------------------------------------------------------
+    def _require_fitted(self, what: str) -> None:
+        if not self.fitted_:
+            raise NotFittedError(f"{self.name}: {what} before fit (or load)")
+
+    def _check_inputs(self, x: Inputs, where: str) -> None:
+        if x.sparse is not None and not self.reads_sparse:
+            raise ValueError(f"{self.name} does not read sparse tables; take text_sparse out of its tables")
+        if x.sparse is not None and x.sparse.shape[0] != x.dense.shape[0]:
+            raise ValueError(f"{self.name} ({where}): dense and sparse blocks have different row counts")
+        if self.feature_names and x.dense.shape[1] + (0 if x.sparse is None else x.sparse.shape[1]) != len(
+                self.feature_names):
+            raise ValueError(f"{self.name} ({where}): {x.dense.shape[1]} dense + "
+                             f"{0 if x.sparse is None else x.sparse.shape[1]} sparse columns, but the learner was "
+                             f"built for {len(self.feature_names)} features")
+
+
+LEARNERS: dict[str, type[BaseLearner]] = {}
+
+
+def register(cls: type[BaseLearner]) -> type[BaseLearner]:
+    """Class decorator: adds a learner under `cls.name`; a second class with the same name is refused."""
+    name = getattr(cls, "name", "")
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"{cls.__name__}.name = {name!r}; expected letters, digits and '_'")
+    if name in LEARNERS and LEARNERS[name] is not cls:
+        raise ValueError(f"learner name {name!r} is taken by {LEARNERS[name].__module__}.{LEARNERS[name].__name__}; "
+                         f"give {cls.__module__}.{cls.__name__} another `name`")
+    LEARNERS[name] = cls
+    return cls
+
+
+def learner_settings(config: Config, name: str) -> Any:
+    """The `[models.<name>]` section, the one place settings are looked up."""
+    settings = getattr(config.models, name, None)
+    if settings is None or not hasattr(settings, "tables"):
+        raise ValueError(f"learner {name!r} has no [models.{name}] section in the config; add one with its `tables`")
+    return settings
+
 
 def check_objective(learner: str, objective: str) -> str:
     if objective not in OBJECTIVES:
-        raise ValueError(f"models.{learner}.objective = {objective!r}; expected one of {OBJECTIVES}")
+        raise ValueError(f"models.{learner}.objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     return objective
 
 
 def threads(config: Config) -> int:
     return config.models.threads or os.cpu_count() or 1
-
-
-def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then rename, so a crash never leaves half a model file under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp name keeps the real suffix: XGBoost picks its format (JSON) from the extension.
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -4,7 +4,8 @@ Columns are qualified as "<table>.<column>" so two tables may both hold `embeddi
 training rows only and saved beside the models (JSON), so `predict` turns new rows into exactly the same columns:
 numbers and booleans pass through, strings with few distinct training values become category codes (unseen -> NaN),
 longer strings (item names, descriptions) are dropped, and array columns (embeddings) expand to one column per
-dimension.
+dimension. Sparse tables (`text_sparse`) are not joined as columns: they are read as CSR in the frame's row order
+and hstacked after the dense block by the learners that read them (`Inputs.sparse`), never densified.
 """
 
 from __future__ import annotations
@@ -15,23 +16,33 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 
+from featurestore.sparse import is_sparse_table, read_sparse, sparse_width
 from featurestore.store import FeatureStore, quote_ident
+from models.base import Inputs
 
-KEY_COLUMNS = ("sample_id", "split", "price", "fold")
+KEY_COLUMNS = ("sample_id", "split", "price", "fold", "group_id")
 
 
-def load_frame(store: FeatureStore, tables: list[str], with_text: bool = False) -> pl.DataFrame:
-    """items (+ folds) left-joined with every table, one row per item, ordered by sample_id."""
+def split_tables(store: FeatureStore, tables: list[str]) -> tuple[list[str], list[str]]:
+    """(dense tables, sparse tables) of a feature set; every table must be in the store."""
     missing = [t for t in tables if not store.has_table(t)]
     if missing:
         raise FileNotFoundError(
             f"feature table(s) {missing} are not in the store at {store.root}; build them with "
             "`python cli.py build-features` (or take them out of the learner's `tables`)"
         )
-    select = ["i.text"] if with_text else []
+    sparse = [t for t in tables if is_sparse_table(store, t)]
+    return [t for t in tables if t not in sparse], sparse
+
+
+def load_frame(store: FeatureStore, tables: list[str]) -> pl.DataFrame:
+    """items (+ folds) left-joined with every dense table, one row per item, ordered by sample_id."""
+    dense, _ = split_tables(store, tables)
+    select: list[str] = []
     joins = []
-    for number, table in enumerate(tables):
+    for number, table in enumerate(dense):
         alias = f"t{number}"
         schema = pl.read_parquet_schema(store.table_path(table))
         select += [f"{alias}.{quote_ident(c)} AS {quote_ident(f'{table}.{c}')}" for c in schema if c != "sample_id"]
@@ -45,7 +56,8 @@ def left_join(table: str, alias: str) -> str:
 
 def query_items(store: FeatureStore, select: list[str], joins: list[str]) -> pl.DataFrame:
     """One row per item (alias `i`) with KEY_COLUMNS first (fold -1 on test rows), then `select` over `joins`."""
-    columns = ["i.sample_id", "i.split", "i.price", "coalesce(f.fold, -1)::INTEGER AS fold", *select]
+    columns = ["i.sample_id", "i.split", "i.price", "coalesce(f.fold, -1)::INTEGER AS fold",
+               "i.group_id::VARCHAR AS group_id", *select]
     query = (f"SELECT {', '.join(columns)} FROM items i LEFT JOIN folds f ON f.sample_id = i.sample_id "
              f"{' '.join(joins)} ORDER BY i.sample_id")
     with store.connect(read_only=True) as con:
@@ -59,13 +71,20 @@ class MatrixSpec:
     categorical: dict[str, list[str]] = field(default_factory=dict)
     arrays: dict[str, int] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    sparse: dict[str, int] = field(default_factory=dict)  # sparse table -> its width, hstacked after the dense
 
     @property
     def feature_names(self) -> list[str]:
         names = list(self.numeric) + list(self.categorical)
         for column, dim in self.arrays.items():
             names += [f"{column}[{i}]" for i in range(dim)]
+        for table, width in self.sparse.items():
+            names += [f"{table}[{i}]" for i in range(width)]
         return names
+
+    @property
+    def n_dense(self) -> int:
+        return len(self.numeric) + len(self.categorical) + sum(self.arrays.values())
 
     @property
     def categorical_indices(self) -> list[int]:
@@ -79,10 +98,11 @@ class MatrixSpec:
         return cls(**json.loads(path.read_text()))
 
 
-def fit_spec(train: pl.DataFrame, tables: list[str], max_categories: int) -> MatrixSpec:
-    spec = MatrixSpec(tables=list(tables))
+def fit_spec(train: pl.DataFrame, tables: list[str], max_categories: int,
+             sparse: dict[str, int] | None = None) -> MatrixSpec:
+    spec = MatrixSpec(tables=list(tables), sparse=dict(sparse or {}))
     for column, dtype in train.schema.items():
-        if column in KEY_COLUMNS or column == "text":
+        if column in KEY_COLUMNS:
             continue
         if isinstance(dtype, pl.Array):
             spec.arrays[column] = dtype.size
@@ -124,5 +144,25 @@ def transform(spec: MatrixSpec, frame: pl.DataFrame) -> np.ndarray:
             raise ValueError(f"{column}: expected {dim}-dim vectors, got shape {matrix.shape}")
         blocks.append(matrix)
     if not blocks:
+        if spec.sparse:  # a purely sparse feature set: an empty dense block
+            return np.zeros((frame.height, 0), dtype=np.float32)
         raise ValueError(f"tables {spec.tables} hold no usable feature columns")
     return np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)
+
+
+def sparse_block(store: FeatureStore, spec: MatrixSpec, ids: np.ndarray) -> sp.csr_matrix | None:
+    """The spec's sparse tables in the order of `ids`, hstacked; None when the spec has none."""
+    if not spec.sparse:
+        return None
+    blocks = []
+    for table, width in spec.sparse.items():
+        if sparse_width(store, table) != width:
+            raise ValueError(f"{table} has {sparse_width(store, table)} columns here but the models were trained on "
+                             f"{width}; rebuild with the training store's vocabulary (or retrain)")
+        blocks.append(read_sparse(store, table, ids))
+    return sp.hstack(blocks, format="csr", dtype=np.float32) if len(blocks) > 1 else blocks[0]
+
+
+def feature_inputs(store: FeatureStore, spec: MatrixSpec, frame: pl.DataFrame) -> Inputs:
+    """The learner's Inputs for `frame`'s rows: dense block from the frame, sparse block from the store."""
+    return Inputs(transform(spec, frame), sparse_block(store, spec, frame["sample_id"].to_numpy()))

@@ -1,57 +1,24 @@
-"""A small torch MLP on dense features (embeddings, parsed catalog fields) plus, optionally, the sparse TF-IDF of
-the item text fed straight into the first layer (an EmbeddingBag weighted by the TF-IDF values: the sparse
-matrix never becomes dense). Saved as a torch state_dict; the TF-IDF vocabulary and idf weights as JSON.
+"""Torch MLPs on dense features (embeddings, parsed catalog fields) plus the shared sparse text table
+(`text_sparse`) fed straight into the first layer: an EmbeddingBag weighted by the TF-IDF values, so the sparse
+matrix never becomes dense. Saved as a torch state_dict, loaded with weights_only.
+
+`mlp_sparse` is the Mercari-winner shape: a wide first layer over the sparse text, small hidden layers, and
+several members per fold (different seeds; odd members see binarised input) whose outputs are averaged.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.feature_extraction.text import TfidfVectorizer
 from torch import nn
 
-from models.base import BaseLearner, Inputs, check_objective, save_atomic, threads
-
-
-class TfidfText:
-    """Word uni+bi-gram TF-IDF fitted on the training texts (no target involved), saved as JSON, not pickle."""
-
-    def __init__(self, max_features: int) -> None:
-        self.vectorizer = TfidfVectorizer(max_features=max_features, ngram_range=(1, 2), min_df=2,
-                                          sublinear_tf=True, dtype=np.float32)
-
-    def fit(self, texts: list[str]) -> None:
-        try:
-            self.vectorizer.fit(texts)
-        except ValueError:  # fewer than two rows share any word (tiny data): keep every word seen once
-            self.vectorizer.set_params(min_df=1)
-            self.vectorizer.fit(texts)
-
-    def transform(self, texts: list[str]) -> sp.csr_matrix:
-        return self.vectorizer.transform(texts).tocsr()
-
-    def save(self, path: Path) -> None:
-        payload = {"params": {k: v for k, v in self.vectorizer.get_params().items() if k in ("ngram_range", "min_df",
-                                                                                                "sublinear_tf")},
-                   "vocabulary": {k: int(v) for k, v in self.vectorizer.vocabulary_.items()},
-                   "idf": self.vectorizer.idf_.tolist()}
-        save_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload)))
-
-    @classmethod
-    def load(cls, path: Path) -> TfidfText:
-        payload = json.loads(path.read_text())
-        text = cls(max_features=len(payload["vocabulary"]))
-        params = payload["params"]
-        text.vectorizer = TfidfVectorizer(vocabulary=payload["vocabulary"], ngram_range=tuple(params["ngram_range"]),
-                                          sublinear_tf=params["sublinear_tf"], dtype=np.float32)
-        text.vectorizer.idf_ = np.asarray(payload["idf"], dtype=np.float64)
-        return text
+from featurestore.store import atomic_write
+from models.base import BaseLearner, Inputs, check_objective, register
 
 
 class PriceNet(nn.Module):
@@ -82,91 +49,136 @@ class PriceNet(nn.Module):
         return self.head(h).squeeze(-1)
 
 
-def _bag(matrix: sp.csr_matrix | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _bag(matrix: sp.csr_matrix | None, binary: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     if matrix is None:
         return None
+    values = np.ones_like(matrix.data, dtype=np.float32) if binary else matrix.data.astype(np.float32)
     return (torch.from_numpy(matrix.indices.astype(np.int64)), torch.from_numpy(matrix.indptr[:-1].astype(np.int64)),
-            torch.from_numpy(matrix.data.astype(np.float32)))
+            torch.from_numpy(values))
 
 
+class Members(nn.Module):
+    """The fold's members as one module, so one state_dict holds them all."""
+
+    def __init__(self, nets: list[PriceNet]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+
+@register
 class MLPLearner(BaseLearner):
     name = "mlp"
     file_pattern = "fold{fold}.pt"
-
-    @property
-    def wants_text(self) -> bool:
-        return self.config.models.mlp.tfidf
+    reads_sparse = True
 
     def recorded_params(self) -> dict[str, Any]:
-        cfg = self.config.models.mlp
+        cfg = self.settings
         return {"objective": cfg.objective, "hidden": cfg.hidden, "dropout": cfg.dropout, "epochs": cfg.epochs,
-                "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay}
+                "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay,
+                "members": cfg.members, "binary_variant": cfg.binary_variant}
 
     def _loss(self) -> nn.Module:
-        objective = check_objective("mlp", self.config.models.mlp.objective)
+        objective = check_objective(self.name, self.settings.objective)
         return {"huber": nn.HuberLoss(delta=1.0), "l1": nn.L1Loss(), "l2": nn.MSELoss()}[objective]
 
     def _net(self, n_dense: int, n_sparse: int) -> PriceNet:
-        cfg = self.config.models.mlp
+        cfg = self.settings
         return PriceNet(n_dense, n_sparse, cfg.hidden, cfg.dropout)
 
-    def fit(self, train: Inputs, y: np.ndarray, watch: Inputs, y_watch: np.ndarray) -> None:
-        cfg = self.config.models.mlp
-        torch.set_num_threads(threads(self.config))
-        torch.manual_seed(self.seed)
+    def _binary(self, member: int) -> bool:
+        return bool(self.settings.binary_variant and member % 2 == 1)
+
+    def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
+        assert watch is not None and y_watch is not None
+        torch.set_num_threads(self.threads)
+        nets = [self._fit_member(m, train, y, watch, y_watch) for m in range(max(1, self.settings.members))]
+        self.members_ = Members([net for net, _ in nets])
+        self.best_iteration_ = int(np.mean([epochs for _, epochs in nets]))
+
+    def _fit_member(self, member: int, train: Inputs, y: np.ndarray, watch: Inputs, y_watch: np.ndarray
+                    ) -> tuple[PriceNet, int]:
+        cfg = self.settings
+        seed = self.seed + 1000 * member
+        binary = self._binary(member)
+        torch.manual_seed(seed)
         n_sparse = 0 if train.sparse is None else train.sparse.shape[1]
-        self.net = self._net(train.dense.shape[1], n_sparse)
+        net = self._net(train.dense.shape[1], n_sparse)
         with np.errstate(all="ignore"):
             mean = np.nan_to_num(np.nanmean(train.dense, axis=0))
             scale = np.nan_to_num(np.nanstd(train.dense, axis=0), nan=1.0)
-        self.net.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
-        self.net.scale.copy_(torch.from_numpy(np.where(scale > 1e-6, scale, 1.0).astype(np.float32)))
-        self.net.y_mean.fill_(float(y.mean()))
-        self.net.y_scale.fill_(float(y.std()) or 1.0)
+        net.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+        net.scale.copy_(torch.from_numpy(np.where(scale > 1e-6, scale, 1.0).astype(np.float32)))
+        net.y_mean.fill_(float(y.mean()))
+        net.y_scale.fill_(float(y.std()) or 1.0)
         target = torch.from_numpy(((y - y.mean()) / (y.std() or 1.0)).astype(np.float32))
-        dense_params = [p for name, p in self.net.named_parameters() if not name.startswith("sparse.")]
+        dense_params = [p for name, p in net.named_parameters() if not name.startswith("sparse.")]
         optimisers: list[torch.optim.Optimizer] = [
             torch.optim.AdamW(dense_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)]
-        if self.net.sparse is not None:
-            optimisers.append(torch.optim.SparseAdam(list(self.net.sparse.parameters()), lr=cfg.learning_rate))
+        if net.sparse is not None:
+            optimisers.append(torch.optim.SparseAdam(list(net.sparse.parameters()), lr=cfg.learning_rate))
         loss_fn = self._loss()
-        generator = torch.Generator().manual_seed(self.seed)
-        best = (np.inf, copy.deepcopy(self.net.state_dict()), 0)
+        generator = torch.Generator().manual_seed(seed)
+        best = (np.inf, copy.deepcopy(net.state_dict()), 0)
         for epoch in range(cfg.epochs):
-            self.net.train()
+            net.train()
             order = torch.randperm(len(train), generator=generator).numpy()
             for start in range(0, len(order), cfg.batch_size):
                 batch = order[start : start + cfg.batch_size]
                 part = train.rows(batch)
                 for optimiser in optimisers:
                     optimiser.zero_grad()
-                loss = loss_fn(self.net(torch.from_numpy(part.dense), _bag(part.sparse)), target[batch])
+                loss = loss_fn(net(torch.from_numpy(part.dense), _bag(part.sparse, binary)), target[batch])
                 loss.backward()
                 for optimiser in optimisers:
                     optimiser.step()
-            watch_loss = float(np.abs(self.predict(watch) - y_watch).mean())
+            watch_loss = float(np.abs(_predict_net(net, watch, binary) - y_watch).mean())
             if watch_loss < best[0]:
-                best = (watch_loss, copy.deepcopy(self.net.state_dict()), epoch + 1)
+                best = (watch_loss, copy.deepcopy(net.state_dict()), epoch + 1)
             elif epoch + 1 - best[2] >= cfg.early_stopping_epochs:
                 break
-        self.net.load_state_dict(best[1])
-        self.best_iteration = best[2]
+        net.load_state_dict(best[1])
+        return net, best[2]
 
-    @torch.no_grad()
-    def predict(self, x: Inputs) -> np.ndarray:
-        self.net.eval()
-        out = []
-        for start in range(0, len(x), 4096):
-            part = x.rows(np.arange(start, min(start + 4096, len(x))))
-            out.append(self.net(torch.from_numpy(part.dense), _bag(part.sparse)).numpy())
-        scaled = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-        return scaled.astype(np.float64) * float(self.net.y_scale) + float(self.net.y_mean)
+    def _predict(self, x: Inputs) -> np.ndarray:
+        outputs = [_predict_net(net, x, self._binary(m)) for m, net in enumerate(self.members_.nets)]
+        return np.mean(outputs, axis=0)
 
-    def save(self, path: Path) -> None:
-        save_atomic(path, lambda tmp: torch.save(self.net.state_dict(), tmp))
+    def _save(self, path: Path) -> None:
+        atomic_write(path, lambda tmp: torch.save(self.members_.state_dict(), tmp))
 
-    def load(self, path: Path) -> None:
+    def _load(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)  # weights only: never unpickle objects
-        n_sparse = state["sparse.weight"].shape[0] if "sparse.weight" in state else 0
-        self.net = self._net(state["mean"].shape[0], n_sparse)
-        self.net.load_state_dict(state)
+        count = 1 + max(int(key.split(".")[1]) for key in state)
+        nets = []
+        for m in range(count):
+            n_sparse = state[f"nets.{m}.sparse.weight"].shape[0] if f"nets.{m}.sparse.weight" in state else 0
+            nets.append(self._net(state[f"nets.{m}.mean"].shape[0], n_sparse))
+        self.members_ = Members(nets)
+        self.members_.load_state_dict(state)
+
+
+# Inference digits kept: float32 GEMM kernels round differently with the batch size (~1e-8), so a row priced in a
+# batch of 5 came out unlike the same row in a batch of 20. Inference runs in float64 (differences ~1e-16) and is
+# rounded here, so `predict` on any subset of rows reproduces the pipeline's numbers bit for bit.
+PREDICTION_DECIMALS = 9
+
+
+@torch.no_grad()
+def _predict_net(net: PriceNet, x: Inputs, binary: bool) -> np.ndarray:
+    exact = copy.deepcopy(net).double().eval()
+    out = []
+    for start in range(0, len(x), 4096):
+        part = x.rows(np.arange(start, min(start + 4096, len(x))))
+        bag = _bag(part.sparse, binary)
+        if bag is not None:
+            bag = (bag[0], bag[1], bag[2].double())
+        out.append(exact(torch.from_numpy(part.dense.astype(np.float64)), bag).numpy())
+    scaled = np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
+    return np.round(scaled * float(net.y_scale) + float(net.y_mean), PREDICTION_DECIMALS)
+
+
+@register
+class SparseMLPLearner(MLPLearner):
+    """Its own `[models.mlp_sparse]` settings (wide sparse first layer, several members), stacked beside `mlp`."""
+
+    name = "mlp_sparse"

@@ -89,7 +89,9 @@ class BlendMeta(MetaLearner):
         self.weights, self.intercept = self._weights(result.x)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return x[:, : self.n_base] @ self.weights + self.intercept
+        # Row by row (not BLAS matvec, whose blocking depends on the row count): a row's prediction must not
+        # depend on its batch-mates, so `predict` on a few rows equals the pipeline's own numbers bit for bit.
+        return (x[:, : self.n_base] * self.weights).sum(axis=1) + self.intercept
 
     def state(self) -> dict[str, Any]:
         return {"weights": self.weights.tolist(), "intercept": self.intercept}
@@ -120,7 +122,7 @@ class RidgeMeta(MetaLearner):
         self.coef, self.intercept = model.coef_, float(model.intercept_)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self._standardise(x) @ self.coef + self.intercept
+        return (self._standardise(x) * self.coef).sum(axis=1) + self.intercept  # row by row, see BlendMeta
 
     def state(self) -> dict[str, Any]:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),

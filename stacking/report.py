@@ -18,8 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from featurestore.store import FeatureStore  # noqa: E402
-from models.base import save_atomic  # noqa: E402
+from featurestore.store import (
+    FeatureStore,  # noqa: E402
+    atomic_write,  # noqa: E402
+)
 from models.metrics import smape  # noqa: E402
 
 GBDTS = ("lgbm", "xgb", "catboost")
@@ -125,5 +127,5 @@ nested CV: {record['nested']}. Final meta-learner: {best}.</p>
 <h2>GBDT feature importance</h2>{''.join(importance_html) or '<p>no GBDT learner in this stack</p>'}
 <h2>Predicted vs true (stack, out of fold)</h2>{scatter}
 </body></html>"""
-    save_atomic(out, lambda tmp: tmp.write_text(page))
+    atomic_write(out, lambda tmp: tmp.write_text(page))
     return out

@@ -28,8 +28,8 @@ import optuna
 import polars as pl
 
 from featurestore.config import Config
-from featurestore.store import FeatureStore, Timer, quote_ident
-from models.base import save_atomic, threads
+from featurestore.store import FeatureStore, Timer, atomic_write, quote_ident
+from models.base import threads
 from models.matrix import left_join, query_items
 from models.metrics import smape
 from stacking.meta import MetaLearner, meta_class
@@ -219,7 +219,7 @@ def journal_storage(store: FeatureStore) -> optuna.storages.BaseStorage:
 def save_meta(path: Path, result: StackResult, inputs: StackInputs) -> None:
     payload = {"meta": result.final_name, "params": result.final_params, "n_base": inputs.n_base,
                "feature_names": inputs.feature_names, "state": result.final_meta.state()}
-    save_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload)))
 
 
 def load_meta(path: Path, config: Config) -> tuple[MetaLearner, list[str]]:
@@ -236,7 +236,7 @@ def write_submission(path: Path, ids: np.ndarray, price: np.ndarray, expected_id
         raise RuntimeError("submission ids do not match the test ids one to one")
     if not np.all(np.isfinite(price)) or np.any(price <= 0):
         raise RuntimeError("submission has non-finite or non-positive prices")
-    save_atomic(path, lambda tmp: submission.write_csv(tmp))
+    atomic_write(path, lambda tmp: submission.write_csv(tmp))
     return submission
 
 
@@ -281,6 +281,6 @@ def run_stack(store: FeatureStore, config: Config, trials: int, progress: bool =
     runs.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     run_path = runs / f"stack-{stamp}-{os.getpid()}.json"
-    save_atomic(run_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
+    atomic_write(run_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
     record["run_record"] = str(run_path)
     return record

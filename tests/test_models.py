@@ -18,26 +18,31 @@ from features.ingest import IngestError
 from features.registry import builders_for
 from features.target_encoding import encode_column
 from featurestore.config import Config
+from featurestore.sparse import sparse_width
 from featurestore.store import FeatureStore
 from models.base import Inputs
-from models.matrix import fit_spec, load_frame, transform
+from models.matrix import MatrixSpec, feature_inputs, fit_spec, load_frame, split_tables
 from models.registry import LEARNERS, learner_class
-from models.train import cross_fit, predict_saved
+from models.train import cross_fit, make_learner, predict_saved
 from stacking.predict import predict_file, prediction_store_dir
 from stacking.stack import StackInputs, meta_frame, run_levels, run_stack, stack_inputs
 from tests.conftest import ROOT, make_config
 
 FAST = {
     "catalog.use_spacy": False, "folds.k": 4, "folds.price_bands": 4,
-    "builders": ["items", "folds", "catalog", "target_enc"],
+    "builders": ["items", "folds", "catalog", "target_enc", "text_sparse"],
     "models.threads": 1, "models.early_stopping_fraction": 0.15,
     "models.lgbm.rounds": 60, "models.lgbm.early_stopping_rounds": 10,
     "models.xgb.rounds": 60, "models.xgb.early_stopping_rounds": 10,
     "models.catboost.rounds": 60, "models.catboost.early_stopping_rounds": 10,
-    "models.mlp.epochs": 4, "models.mlp.hidden": [16], "models.mlp.tfidf_max_features": 2000,
-    "models.mlp.early_stopping_epochs": 2,
-    **{f"models.{n}.tables": ["catalog", "target_enc"] for n in ("lgbm", "xgb", "catboost", "mlp")},
+    "models.lgbm_text.rounds": 60, "models.lgbm_text.early_stopping_rounds": 10,
+    "models.mlp.epochs": 4, "models.mlp.hidden": [16], "models.mlp.early_stopping_epochs": 2,
+    "models.mlp_sparse.epochs": 3, "models.mlp_sparse.hidden": [16, 8],
+    **{f"models.{n}.tables": ["catalog", "target_enc"] for n in ("lgbm", "xgb", "catboost")},
+    **{f"models.{n}.tables": ["catalog", "target_enc", "text_sparse"] for n in ("mlp", "ridge", "lgbm_text",
+                                                                                 "mlp_sparse")},
 }
+SPARSE_READERS = ["catalog", "target_enc", "text_sparse"]
 
 
 def fast_config(tmp_path: Path, train: pl.DataFrame, test: pl.DataFrame | None, **extra: object) -> Config:
@@ -62,29 +67,26 @@ def stacked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, FeatureSt
     return config, store, record
 
 
-def _matrix(store: FeatureStore, tables: list[str]) -> tuple[Inputs, pl.DataFrame, list[str], list[int]]:
-    frame = load_frame(store, tables, with_text=True)
-    spec = fit_spec(frame.filter(pl.col("split") == "train"), tables, 100)
-    return Inputs(transform(spec, frame)), frame, spec.feature_names, spec.categorical_indices
+def _matrix(store: FeatureStore, tables: list[str]) -> tuple[Inputs, pl.DataFrame, MatrixSpec]:
+    frame = load_frame(store, tables)
+    _, sparse = split_tables(store, tables)
+    spec = fit_spec(frame.filter(pl.col("split") == "train"), tables, 100,
+                    {t: sparse_width(store, t) for t in sparse})
+    return feature_inputs(store, spec, frame), frame, spec
 
 
 @pytest.mark.parametrize("name", sorted(LEARNERS))
 def test_permuting_fold_k_targets_leaves_fold_k_oof_unchanged(name: str, stacked, tmp_path: Path) -> None:
     config, store, _ = stacked
-    x, frame, names, categorical = _matrix(store, ["catalog", "target_enc"])
-    if learner_class(name)(config, 0, names, categorical).wants_text:
-        from models.mlp import TfidfText
-
-        tfidf = TfidfText(500)
-        tfidf.fit(frame.filter(pl.col("split") == "train")["text"].to_list())
-        x.sparse = tfidf.transform(frame["text"].to_list())
+    tables = SPARSE_READERS if learner_class(name).reads_sparse else ["catalog", "target_enc"]
+    x, frame, spec = _matrix(store, tables)
     fold = frame["fold"].to_numpy()
     price = frame["price"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-    ids = frame["sample_id"].to_numpy()
+    ids = frame["sample_id"].cast(pl.String).to_numpy()
 
     def run(prices: np.ndarray, out: str) -> np.ndarray:
-        make = lambda k: learner_class(name)(config, 7 + k, names, categorical)  # noqa: E731
-        return cross_fit(make, x, prices, fold, ids, "log1p", 0.15, 7, tmp_path / out).oof
+        return cross_fit(make_learner(config, name, spec), x, prices, fold, ids, "log1p", 0.15, 7,
+                         tmp_path / out).oof
 
     base = run(price, "a")
     k = 1
@@ -143,7 +145,7 @@ def test_models_are_saved_in_native_formats(stacked) -> None:
     _, store, _ = stacked
     files = [p for p in (store.root / "models").rglob("*") if p.is_file()]
     suffixes = {p.name.split(".", 1)[1] for p in files if p.name.startswith("fold")}
-    assert suffixes == {"lgbm.txt", "xgb.json", "cbm", "pt"}
+    assert suffixes == {"lgbm.txt", "xgb.json", "cbm", "pt", "ridge.safetensors"}
     assert not [p for p in files if p.suffix in (".pkl", ".pickle", ".joblib")]
     lgbm = next(p for p in files if p.name.endswith(".lgbm.txt"))
     assert lgbm.read_text().startswith("tree")
@@ -156,7 +158,7 @@ def test_same_seed_gives_identical_predictions(stacked, tmp_path: Path) -> None:
     again = fast_config(tmp_path, pl.read_parquet(config.data.train), pl.read_parquet(config.data.test))
     store2 = build(again)
     run_stack(store2, again, trials=4, progress=False)
-    for table in ["oof__lgbm", "oof__xgb", "oof__catboost", "oof__mlp", "stack_oof", "predictions"]:
+    for table in [*(f"oof__{n}" for n in config.models.learners), "text_sparse", "stack_oof", "predictions"]:
         assert store.read(table).equals(store2.read(table)), table
 
 
@@ -195,12 +197,14 @@ def test_predict_refuses_training_ids(stacked, tmp_path: Path) -> None:
 def test_cli_stack_predict_report(stacked, tmp_path: Path) -> None:
     config, store, _ = stacked
     toml = tmp_path / "fast.toml"
-    lines = ['builders = ["items", "folds", "catalog", "target_enc"]', "[catalog]", "use_spacy = false",
+    lines = ['builders = ["items", "folds", "catalog", "target_enc", "text_sparse"]', "[catalog]", "use_spacy = false",
              "[folds]", "k = 4", "price_bands = 4", "[models]", "threads = 1",
              "[models.mlp]", 'tables = ["catalog", "target_enc"]', "epochs = 2", "hidden = [16]",
              "[models.lgbm]", 'tables = ["catalog", "target_enc"]', "rounds = 30",
              "[models.xgb]", 'tables = ["catalog", "target_enc"]', "rounds = 30",
-             "[models.catboost]", 'tables = ["catalog", "target_enc"]', "rounds = 30"]
+             "[models.catboost]", 'tables = ["catalog", "target_enc"]', "rounds = 30",
+             "[models.lgbm_text]", 'tables = ["catalog", "target_enc", "text_sparse"]', "rounds = 30",
+             "[models.mlp_sparse]", "epochs = 2", "hidden = [16]"]
     toml.write_text("\n".join(lines) + "\n")
     common = ["--config", str(toml), "--store", str(tmp_path / "s")]
 
@@ -244,5 +248,5 @@ def test_stack_retrains_only_stale_learners(stacked) -> None:
     stale.models.lgbm.learning_rate = 0.2
     record = run_stack(store, stale, trials=4, progress=False)
     statuses = {table: b["status"] for table, b in record["base_learners"].items()}
-    assert statuses == {"oof__lgbm": "built", "oof__xgb": "reused", "oof__catboost": "reused", "oof__mlp": "reused"}
+    assert statuses == {f"oof__{n}": "built" if n == "lgbm" else "reused" for n in config.models.learners}
     run_stack(store, config, trials=4, progress=False)  # back to the module's settings for the other tests

@@ -1,0 +1,212 @@
+"""`text_sparse`: a field-aware sparse TF-IDF / one-hot matrix of the item text, one row per item, never dense.
+
+Each configured field (`[text_sparse] fields`) gets its own vocabulary and its own slice of the columns: word
+n-grams of the name, character n-grams of the short name, word n-grams of the description, one-hot brand and
+category. Separate vocabularies per field with sublinear tf is what made a plain ridge beat the whole stack on
+Mercari (38.3 vs 42.0 SMAPE on one merged vocabulary).
+
+Stored as a real store table: `sample_id`, `indices` (INTEGER[]) and `values` (FLOAT[]) hold each row's CSR
+slice, so `SELECT sample_id, len(indices) FROM text_sparse` works in DuckDB; the vocabulary (terms, idf, block
+offsets) is JSON beside the models, never a pickle. Vocabularies are fitted on train + test text: no target is
+involved. A derived store (`predict`) reuses its parent's vocabulary, so a column index means the same term for
+the stored models.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from sklearn.feature_extraction.text import TfidfVectorizer
+
+from features.base import BuildContext, FeatureBuilder
+from featurestore.config import Config, SparseFieldConfig
+from featurestore.sparse import csr_to_frame
+from featurestore.store import FeatureStore, atomic_write_text
+
+TABLE = "text_sparse"
+
+
+def vocabulary_path(store: FeatureStore, fingerprint: str) -> Path:
+    return store.root / "artifacts" / TABLE / f"{fingerprint}.json"
+
+
+def field_sources(fields: list[SparseFieldConfig]) -> list[tuple[str, str]]:
+    sources = []
+    for number, spec in enumerate(fields):
+        if not spec.columns:
+            raise ValueError(f"text_sparse.fields[{number}]: `columns` is empty; name one or more 'table.column'")
+        for source in spec.columns:
+            table, _, column = source.partition(".")
+            if not column:
+                raise ValueError(f"text_sparse.fields[{number}]: {source!r}; expected 'table.column'")
+            sources.append((table, column))
+        if spec.analyzer != "onehot" and (len(spec.ngram) != 2 or not 1 <= spec.ngram[0] <= spec.ngram[1]):
+            raise ValueError(f"text_sparse.fields[{number}].ngram = {spec.ngram}; expected [low, high] with "
+                             "1 <= low <= high")
+    return sources
+
+
+def whole_value(value: str) -> list[str]:
+    """One-hot analyzer: the lowercased value is a single token; an empty value has none."""
+    return [value.lower()] if value else []
+
+
+def _vectorizer(spec: SparseFieldConfig, sublinear_tf: bool, min_df: int) -> TfidfVectorizer:
+    if spec.analyzer == "onehot":
+        # The whole value is one token: lowercase it, keep it whole, no idf (a category is present or not).
+        return TfidfVectorizer(analyzer=whole_value, min_df=min_df, max_features=spec.max_features, use_idf=False,
+                               norm=None, dtype=np.float32)
+    analyzer = "char_wb" if spec.analyzer == "char" else "word"
+    return TfidfVectorizer(analyzer=analyzer, ngram_range=tuple(spec.ngram), min_df=min_df,
+                           max_features=spec.max_features, sublinear_tf=sublinear_tf, dtype=np.float32)
+
+
+class FittedField:
+    """One field's vocabulary: term -> column within the block, idf weights; JSON round trip."""
+
+    def __init__(self, spec: SparseFieldConfig, sublinear_tf: bool, vocabulary: dict[str, int],
+                 idf: list[float] | None) -> None:
+        self.spec = spec
+        self.sublinear_tf = sublinear_tf
+        self.vocabulary = vocabulary
+        self.idf = idf
+
+    @classmethod
+    def fit(cls, spec: SparseFieldConfig, sublinear_tf: bool, texts: list[str]) -> FittedField:
+        min_df = spec.min_df
+        while True:
+            vectorizer = _vectorizer(spec, sublinear_tf, min_df)
+            try:
+                vectorizer.fit(texts)
+                break
+            except ValueError:  # tiny data: no term reaches min_df; keep every term seen once rather than fail
+                if min_df == 1:
+                    return cls(spec, sublinear_tf, {}, None)
+                min_df = 1
+        idf = vectorizer.idf_.tolist() if spec.analyzer != "onehot" else None
+        return cls(spec, sublinear_tf, {k: int(v) for k, v in vectorizer.vocabulary_.items()}, idf)
+
+    def transform(self, texts: list[str]) -> sp.csr_matrix:
+        if not self.vocabulary:
+            return sp.csr_matrix((len(texts), 0), dtype=np.float32)
+        vectorizer = _vectorizer(self.spec, self.sublinear_tf, 1)
+        vectorizer.set_params(vocabulary=self.vocabulary, max_features=None)
+        if self.idf is not None:
+            vectorizer.idf_ = np.asarray(self.idf, dtype=np.float64)
+        else:
+            vectorizer.fit([""] if self.spec.analyzer != "onehot" else ["x"])  # sets the fixed vocabulary only
+        return vectorizer.transform(texts).tocsr().astype(np.float32)
+
+    @property
+    def terms(self) -> list[str]:
+        ordered = [""] * len(self.vocabulary)
+        for term, column in self.vocabulary.items():
+            ordered[column] = term
+        return ordered
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spec": asdict(self.spec), "vocabulary": self.vocabulary, "idf": self.idf}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any], sublinear_tf: bool) -> FittedField:
+        return cls(SparseFieldConfig(**payload["spec"]), sublinear_tf, payload["vocabulary"], payload["idf"])
+
+
+def block_name(spec: SparseFieldConfig) -> str:
+    return "+".join(c.partition(".")[2] for c in spec.columns) + f":{spec.analyzer}"
+
+
+def sparse_terms(store: FeatureStore, table: str) -> list[str]:
+    """Column names "<block>=<term>" of a sparse table, for importance reports."""
+    info = store.info(table)
+    assert info is not None
+    payload = json.loads((store.root / info.extra["vocabulary"]).read_text())
+    names: list[str] = []
+    for block in payload["fields"]:
+        fitted = FittedField.from_json(block, payload["sublinear_tf"])
+        names += [f"{block_name(fitted.spec)}={t}" for t in fitted.terms]
+    return names
+
+
+class TextSparseBuilder(FeatureBuilder):
+    table = TABLE
+    version = "1"
+    extra_versions = ("scikit-learn",)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.sources = field_sources(config.text_sparse.fields)
+        self.inputs = tuple(dict.fromkeys(["items", *(t for t, _ in self.sources)]))
+
+    def params(self) -> dict[str, Any]:
+        t = self.config.text_sparse
+        return {"fields": [asdict(f) for f in t.fields], "sublinear_tf": t.sublinear_tf}
+
+    def artifacts_ok(self, store: FeatureStore, fingerprint: str) -> bool:
+        return vocabulary_path(store, fingerprint).is_file()
+
+    def _texts(self, store: FeatureStore, ids: pl.DataFrame, spec: SparseFieldConfig) -> list[str]:
+        frame = ids
+        names = []
+        for number, source in enumerate(spec.columns):
+            table, _, column = source.partition(".")
+            if column not in pl.read_parquet_schema(store.table_path(table)):
+                raise ValueError(f"text_sparse field {source!r}: table {table} has no column {column!r}")
+            name = f"_c{number}"
+            part = store.read(table, columns=["sample_id", column]).select(
+                "sample_id", pl.col(column).cast(pl.String).alias(name))
+            frame = frame.join(part, on="sample_id", how="left", maintain_order="left")
+            names.append(name)
+        joined = frame.select(pl.concat_str([pl.col(n).fill_null("") for n in names], separator=" ")
+                              .str.strip_chars().alias("t"))["t"]
+        if spec.analyzer == "onehot":  # a missing category stays missing (no column) instead of a "" category
+            return [v if v else "" for v in joined.to_list()]
+        return joined.to_list()
+
+    def build(self, ctx: BuildContext) -> pl.DataFrame:
+        cfg = self.config.text_sparse
+        if not cfg.fields:
+            raise ValueError("text_sparse.fields is empty; configure at least one field or drop the builder")
+        ids = ctx.store.read("items", columns=["sample_id"]).sort("sample_id")
+        texts = [self._texts(ctx.store, ids, spec) for spec in cfg.fields]
+        fitted = self._parent_vocabulary(ctx)
+        if fitted is None:
+            fitted = [FittedField.fit(spec, cfg.sublinear_tf, [t for t in field if t])
+                      for spec, field in zip(cfg.fields, texts, strict=True)]
+        blocks = [f.transform(field) for f, field in zip(fitted, texts, strict=True)]
+        matrix = sp.hstack(blocks, format="csr", dtype=np.float32) if blocks else None
+        assert matrix is not None
+        offsets, start = [], 0
+        for spec, block in zip(cfg.fields, blocks, strict=True):
+            offsets.append({"block": block_name(spec), "offset": start, "size": block.shape[1]})
+            start += block.shape[1]
+        payload = {"sublinear_tf": cfg.sublinear_tf, "fields": [f.to_json() for f in fitted], "blocks": offsets}
+        path = vocabulary_path(ctx.store, ctx.fingerprint)
+        atomic_write_text(path, json.dumps(payload))
+        self._extra = {"n_features": int(matrix.shape[1]), "nnz": int(matrix.nnz), "blocks": offsets,
+                       "vocabulary": str(path.relative_to(ctx.store.root)),
+                       "parent_vocabulary": ctx.parent is not None and self._parent_info(ctx) is not None}
+        return csr_to_frame(ids["sample_id"], matrix)
+
+    def _parent_info(self, ctx: BuildContext) -> Any:
+        if ctx.parent is None:
+            return None
+        info = ctx.parent.info(TABLE)
+        return info if info is not None and info.params == self.params() else None
+
+    def _parent_vocabulary(self, ctx: BuildContext) -> list[FittedField] | None:
+        """In a derived store (`predict`): the training store's vocabulary, so columns keep their meaning."""
+        info = self._parent_info(ctx)
+        if info is None:
+            return None
+        payload = json.loads((ctx.parent.root / info.extra["vocabulary"]).read_text())  # type: ignore[union-attr]
+        return [FittedField.from_json(block, payload["sublinear_tf"]) for block in payload["fields"]]
+
+    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
+        return self._extra
