@@ -166,8 +166,11 @@ def _stack_summary(record: dict[str, Any]) -> None:
     for name, value in record["base_cv_smape"].items():
         typer.echo(f"{name:<14} {value:>9.2f}")
     typer.echo(f"{'mean blend':<14} {record['mean_blend_cv_smape']:>9.2f}")
+    typer.echo(f"{'best single':<14} {record['best_single_cv_smape']:>9.2f}")
     nested = "nested CV" if record["nested"] else "not nested: optimistic"
-    typer.echo(f"{'stack':<14} {record['stack_cv_smape']:>9.2f}  ({record['best_meta']}, {nested})")
+    typer.echo(f"{'stack':<14} {record['stack_cv_smape']:>9.2f}  ({record['best_meta']} chosen of "
+               f"{record['candidates']} candidates, {nested}; {record['stack_seconds']:.1f}s, "
+               f"peak {record['peak_rss_mib']:.0f} MiB)")
 
 
 @app.command()
@@ -195,7 +198,7 @@ def train(
 @app.command()
 def stack(
     config: ConfigOpt = None, store: StoreOpt = None,
-    trials: Annotated[int | None, typer.Option(help="Optuna trials per study (default: stacking.trials)")] = None,
+    trials: Annotated[int | None, typer.Option(help="meta-learner candidates (default: stacking.trials)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train stale base learners, tune the meta-learner with Optuna, write predictions + submission.csv."""

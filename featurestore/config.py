@@ -182,6 +182,8 @@ class GbdtConfig:
     early_stopping_rounds: int = 100
     # Extra library parameters passed as is (e.g. {num_leaves = 63} for LightGBM).
     params: dict[str, Any] = field(default_factory=dict)
+    # Sparse tables in `tables`: keep this many columns (most frequent terms in the training rows); 0 = all.
+    max_sparse_columns: int = 0
 
 
 @dataclass
@@ -239,7 +241,7 @@ class ModelsConfig:
     ridge: LinearConfig = field(default_factory=LinearConfig)
     # LightGBM reading the sparse text beside the dense tables (the GBDTs see words).
     lgbm_text: GbdtConfig = field(default_factory=lambda: GbdtConfig(
-        tables=[*GBDT_TABLES, "text_sparse"], learning_rate=0.08,
+        tables=[*GBDT_TABLES, "text_sparse"], learning_rate=0.1, early_stopping_rounds=50, max_sparse_columns=20_000,
         params={"num_leaves": 63, "feature_fraction": 0.5, "min_data_in_leaf": 10}))
     mlp_sparse: MlpConfig = field(default_factory=sparse_mlp_config)
 
@@ -247,16 +249,15 @@ class ModelsConfig:
 @dataclass
 class StackingConfig:
     # Meta-learners the Optuna study chooses from (names from stacking.meta).
+    # "mean" (plain mean) and "single" (best single learner) are always candidates besides these.
     metas: list[str] = field(default_factory=lambda: ["blend", "ridge", "lgbm"])
-    trials: int = 50  # `stack --trials N` overrides
+    trials: int = 50  # candidates evaluated; `stack --trials N` overrides
     seed: int = 42
     # "table.column" raw features the ridge and LightGBM meta-learners see beside the base predictions.
     raw_features: list[str] = field(default_factory=lambda: ["catalog.log_quantity_base", "catalog.pack_count",
                                                              "catalog.text_chars"])
     # Honest score: each outer fold's meta-learner is tuned and fitted without that fold's rows.
     nested: bool = True
-    # Stop a trial early when, after the same inner folds, it is worse than the median of earlier trials.
-    pruning: bool = True
     submission: str = "submission.csv"  # written in the store folder
 
 

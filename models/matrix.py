@@ -72,6 +72,8 @@ class MatrixSpec:
     arrays: dict[str, int] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     sparse: dict[str, int] = field(default_factory=dict)  # sparse table -> its width, hstacked after the dense
+    # sparse table -> the columns kept (a learner's `max_sparse_columns` cap); absent = all columns
+    sparse_columns: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def feature_names(self) -> list[str]:
@@ -79,7 +81,7 @@ class MatrixSpec:
         for column, dim in self.arrays.items():
             names += [f"{column}[{i}]" for i in range(dim)]
         for table, width in self.sparse.items():
-            names += [f"{table}[{i}]" for i in range(width)]
+            names += [f"{table}[{i}]" for i in self.sparse_columns.get(table, range(width))]
         return names
 
     @property
@@ -159,8 +161,22 @@ def sparse_block(store: FeatureStore, spec: MatrixSpec, ids: np.ndarray) -> sp.c
         if sparse_width(store, table) != width:
             raise ValueError(f"{table} has {sparse_width(store, table)} columns here but the models were trained on "
                              f"{width}; rebuild with the training store's vocabulary (or retrain)")
-        blocks.append(read_sparse(store, table, ids))
+        block = read_sparse(store, table, ids)
+        blocks.append(block[:, spec.sparse_columns[table]] if table in spec.sparse_columns else block)
     return sp.hstack(blocks, format="csr", dtype=np.float32) if len(blocks) > 1 else blocks[0]
+
+
+def cap_sparse_columns(spec: MatrixSpec, store: FeatureStore, train_ids: np.ndarray, limit: int) -> None:
+    """Keep the `limit` columns of each sparse table present in the most training rows (document frequency: no
+    target involved), ties by column index. LightGBM over 100k+ sparse columns is slow for little gain."""
+    if limit <= 0:
+        return
+    for table, width in spec.sparse.items():
+        if width <= limit:
+            continue
+        frequency = np.bincount(read_sparse(store, table, train_ids).indices, minlength=width)
+        keep = np.sort(np.lexsort((np.arange(width), -frequency))[:limit])
+        spec.sparse_columns[table] = keep.tolist()
 
 
 def feature_inputs(store: FeatureStore, spec: MatrixSpec, frame: pl.DataFrame) -> Inputs:

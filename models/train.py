@@ -29,7 +29,7 @@ from featurestore.folds import fold_plan
 from featurestore.sparse import sparse_width
 from featurestore.store import FeatureStore, Timer
 from models.base import BaseLearner, Inputs, learner_settings, threads
-from models.matrix import MatrixSpec, feature_inputs, fit_spec, load_frame, split_tables
+from models.matrix import MatrixSpec, cap_sparse_columns, feature_inputs, fit_spec, load_frame, split_tables
 from models.metrics import smape, to_price, to_target
 from models.registry import learner_class, learner_tables
 
@@ -166,6 +166,8 @@ class LearnerBuilder(FeatureBuilder):
         frame = load_frame(ctx.store, self.tables)
         train = frame.filter(pl.col("split") == "train")
         spec = fit_spec(train, self.tables, m.max_categories, {t: sparse_width(ctx.store, t) for t in sparse_tables})
+        cap_sparse_columns(spec, ctx.store, train["sample_id"].to_numpy(),
+                           getattr(self.settings, "max_sparse_columns", 0))
         x = feature_inputs(ctx.store, spec, frame)
         fold = frame["fold"].to_numpy()
         price = frame["price"].cast(pl.Float64).fill_null(np.nan).to_numpy()

@@ -22,10 +22,11 @@ from featurestore.sparse import sparse_width
 from featurestore.store import FeatureStore
 from models.base import Inputs
 from models.matrix import MatrixSpec, feature_inputs, fit_spec, load_frame, split_tables
+from models.metrics import smape
 from models.registry import LEARNERS, learner_class
 from models.train import cross_fit, make_learner, predict_saved
 from stacking.predict import predict_file, prediction_store_dir
-from stacking.stack import StackInputs, meta_frame, run_levels, run_stack, stack_inputs
+from stacking.stack import StackInputs, journal_storage, meta_frame, run_levels, run_stack, stack_inputs
 from tests.conftest import ROOT, make_config
 
 FAST = {
@@ -113,18 +114,54 @@ def test_target_encoding_is_out_of_fold(stacked) -> None:
     assert not np.array_equal(base[fold == 0], again[fold == 0])
 
 
+def _moved(inputs: StackInputs, price: np.ndarray) -> StackInputs:
+    return StackInputs(inputs.ids, inputs.fold, price, inputs.x, inputs.feature_names, inputs.n_base)
+
+
+def _fold_k_baits(inputs: StackInputs, k: int) -> list[StackInputs]:
+    """Two relabellings of fold k only: its prices become exactly what the `mean` candidate predicts, or exactly
+    what the `single` candidate (fitted without fold k) predicts. A stack whose choice sees fold k's labels is
+    pulled to that candidate on fold k; an honest one cannot tell the two apart."""
+    rows = inputs.fold == k
+    fit = (inputs.fold >= 0) & ~rows
+    best = int(np.argmin([smape(inputs.price[fit], np.expm1(inputs.x[fit, i])) for i in range(inputs.n_base)]))
+    baits = []
+    for pred in (inputs.x[:, : inputs.n_base].mean(axis=1), inputs.x[:, best]):
+        price = inputs.price.copy()
+        price[rows] = np.expm1(pred[rows])
+        baits.append(_moved(inputs, price))
+    return baits
+
+
 def test_stack_meta_predictions_ignore_their_own_fold_targets(stacked) -> None:
+    """Nested: fold k's meta-predictions do not move when only fold k's prices move. Control: with nesting
+    switched off on purpose, the same relabelling moves them, on every one of 20 seeds."""
     config, store, _ = stacked
     frame = meta_frame(store, config.models.learners, config.stacking.raw_features)
     inputs = stack_inputs(frame, config.models.learners, config.stacking.raw_features)
-    first = run_levels(inputs, config, 3, None, "leak-a")
-    permuted = inputs.price.copy()
-    rows = np.flatnonzero(inputs.fold == 2)
-    permuted[rows] = inputs.price[rows][::-1] * 2.0
-    moved = StackInputs(inputs.ids, inputs.fold, permuted, inputs.x, inputs.feature_names, inputs.n_base)
-    second = run_levels(moved, config, 3, None, "leak-b")
-    assert np.array_equal(first.meta_oof[inputs.fold == 2], second.meta_oof[inputs.fold == 2])
-    assert not np.array_equal(first.meta_oof[inputs.fold == 0], second.meta_oof[inputs.fold == 0])
+    k = 2
+    rows = inputs.fold == k
+    for seed in range(20):
+        cfg = copy.deepcopy(config)
+        cfg.stacking.seed = seed
+        cfg.stacking.metas = ["blend", "ridge"] if seed else ["blend", "ridge", "lgbm"]
+        honest = [run_levels(b, cfg, 6, None, f"n{seed}{i}").meta_oof[rows] for i, b in
+                  enumerate([inputs, *_fold_k_baits(inputs, k)])]
+        assert np.array_equal(honest[0], honest[1]) and np.array_equal(honest[0], honest[2]), seed
+        cfg.stacking.nested = False
+        leaky = [run_levels(b, cfg, 6, None, f"l{seed}{i}").meta_oof[rows] for i, b in
+                 enumerate(_fold_k_baits(inputs, k))]
+        assert not np.array_equal(leaky[0], leaky[1]), f"seed {seed}: the non-nested control went undetected"
+    # ...and other folds do see fold k's prices (they train on them).
+    moved = _fold_k_baits(inputs, k)[0]
+    assert not np.array_equal(run_levels(inputs, config, 4, None, "a").meta_oof[inputs.fold == 0],
+                              run_levels(moved, config, 4, None, "b").meta_oof[inputs.fold == 0])
+
+
+def test_stack_is_never_worse_than_its_simple_candidates(stacked) -> None:
+    _, _, record = stacked
+    assert record["candidates"] >= 4
+    assert record["final_cv_smape"] <= min(record["mean_blend_cv_smape"], record["best_single_cv_smape"]) + 1e-9
 
 
 def test_submission_has_every_test_id_once(stacked) -> None:
@@ -224,20 +261,42 @@ def test_cli_stack_predict_report(stacked, tmp_path: Path) -> None:
     assert "report.html" in report and page.count("data:image/png;base64") >= 4 and "SMAPE by true-price band" in page
 
 
-def test_study_resumes_from_the_store_journal(stacked) -> None:
-    """An interrupted `stack` resumes: the study lives in the store and only the missing trials run."""
-    from stacking.stack import journal_storage, tune
+def test_interrupted_stack_resumes_to_identical_results(stacked, tmp_path: Path, monkeypatch) -> None:
+    """A crash mid-study leaves finished candidates in the journal; the rerun evaluates only the missing ones
+    and ends with exactly the uninterrupted run's predictions."""
+    import stacking.stack as stack_module
 
     config, store, _ = stacked
     frame = meta_frame(store, config.models.learners, config.stacking.raw_features)
     inputs = stack_inputs(frame, config.models.learners, config.stacking.raw_features)
-    rows = np.flatnonzero(inputs.fold >= 0)
-    first = tune("resume-test", inputs, rows, config, 2, journal_storage(store), seed=3)
-    first_params = [t.params for t in first.trials]  # the Study object reads the storage live: snapshot it
-    assert len(first_params) == 2
-    resumed = tune("resume-test", inputs, rows, config, 5, journal_storage(store), seed=3)
-    assert len(resumed.trials) == 5
-    assert [t.params for t in resumed.trials[:2]] == first_params
+    clean = run_levels(inputs, config, 8, None, "clean")
+    storage = journal_storage(FeatureStore(tmp_path / "s"))
+    real = stack_module.evaluate
+    calls = {"n": 0}
+
+    def crashing(candidate, inputs, seed):  # dies at the 6th candidate, like a kill -9 mid-study
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(candidate, inputs, seed)
+
+    monkeypatch.setattr(stack_module, "evaluate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_levels(inputs, config, 8, storage, "resume")
+    counted = {"n": 0}
+
+    def counting(candidate, inputs, seed):
+        counted["n"] += 1
+        return real(candidate, inputs, seed)
+
+    monkeypatch.setattr(stack_module, "evaluate", counting)
+    resumed = run_levels(inputs, config, 8, journal_storage(FeatureStore(tmp_path / "s")), "resume")
+    assert counted["n"] == 3  # the 5 candidates finished before the crash are reused
+    assert np.array_equal(resumed.meta_oof, clean.meta_oof, equal_nan=True)
+    assert np.array_equal(resumed.test_pred, clean.test_pred)
+    again = run_levels(inputs, config, 8, journal_storage(FeatureStore(tmp_path / "s")), "resume")
+    assert counted["n"] == 3, "a finished study must not re-evaluate its candidates"
+    assert np.array_equal(again.test_pred, clean.test_pred)
 
 
 def test_stack_retrains_only_stale_learners(stacked) -> None:
