@@ -126,13 +126,13 @@ def _fit(c: Candidate, inputs: StackInputs, rows: np.ndarray, seed: int, valid: 
     params = dict(c.params)
     if at is not None and meta_class(c.meta).curve_param:
         params[meta_class(c.meta).curve_param] = at
-    meta = make_meta(c.meta, params, inputs.n_base, seed)
-    return meta.fit(inputs.x[rows], inputs.y[rows],
-                    [(inputs.x[v], inputs.y[v]) for v in valid] if valid is not None else None)
+    return make_meta(c.meta, params, inputs.n_base, seed).fit_rows(inputs.x, inputs.y, rows, valid)
 
 
 def _best_round(curves: list[np.ndarray], weights: list[int]) -> int:
-    mean = sum(w * c for w, c in zip(weights, curves, strict=True)) / sum(weights)
+    """Best round of the row-weighted mean curve over the rounds every fit reached (fits stop early)."""
+    length = min(len(c) for c in curves)
+    mean = sum(w * c[:length] for w, c in zip(weights, curves, strict=True)) / sum(weights)
     return int(np.argmin(mean)) + 1
 
 

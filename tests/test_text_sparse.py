@@ -1,0 +1,116 @@
+"""The sparse text table: a real store table (Parquet list columns + JSON vocabulary) that round-trips to the exact
+CSR matrix, is readable from DuckDB, stays sparse all the way into the learners, and keeps its vocabulary in a
+derived (`predict`) store."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from features.base import BuildContext, run_builders
+from features.registry import builders_for
+from features.target_encoding import encode_column
+from features.text_sparse import TextSparseBuilder
+from featurestore.config import Config
+from featurestore.sparse import csr_to_frame, frame_to_csr, read_sparse
+from featurestore.store import FeatureStore
+from models.base import Inputs
+from models.registry import learner_class
+from tests.conftest import ROOT, make_config
+
+
+def _sparse_config(tmp_path: Path, real_train: pl.DataFrame, real_test: pl.DataFrame) -> Config:
+    return make_config(tmp_path, real_train.head(120), real_test.head(30), **{
+        "catalog.use_spacy": False, "folds.k": 4, "folds.price_bands": 4,
+        "builders": ["items", "folds", "catalog", "text_sparse"]})
+
+
+def test_sparse_table_round_trips_and_is_sql_readable(tmp_path: Path, real_train, real_test) -> None:
+    config = _sparse_config(tmp_path, real_train, real_test)
+    store = FeatureStore(config.store.dir)
+    run_builders(BuildContext(store, config, progress=False), builders_for(config))
+    ids = store.read("items").sort("sample_id")["sample_id"]
+    # The in-memory matrix the builder computes, from a fresh builder on the same store...
+    builder = TextSparseBuilder(config)
+    fresh = builder.build(BuildContext(store, config, progress=False, fingerprint="check"))
+    expected = frame_to_csr(fresh, builder._extra["n_features"])
+    stored = read_sparse(store, "text_sparse", ids.to_numpy())
+    assert stored.shape == expected.shape and stored.nnz == expected.nnz > 0
+    assert (stored != expected).nnz == 0
+    # ...equals what a CSR -> Parquet -> CSR trip gives on an arbitrary matrix, row order included.
+    rng = np.random.default_rng(0)
+    matrix = sp.random(50, 300, density=0.05, format="csr", dtype=np.float32, random_state=rng)
+    back = frame_to_csr(csr_to_frame(pl.Series("sample_id", np.arange(50)), matrix), 300)
+    assert (back != matrix).nnz == 0
+    # Every field has its own block of columns, and one-hot blocks hold 1.0 values.
+    blocks = store.info("text_sparse").extra["blocks"]
+    assert [b["block"] for b in blocks][:3] == ["item_name:word", "item_name:char", "text:word"]
+    unit = next(b for b in blocks if b["block"] == "unit:onehot")
+    unit_values = stored[:, unit["offset"]: unit["offset"] + unit["size"]].data
+    assert unit["size"] > 0 and set(unit_values.tolist()) == {1.0}
+    # Plain DuckDB SQL reads it like every other table.
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sql", "--store", config.store.dir,
+                          "SELECT count(*) AS n, sum(len(indices)) AS nnz FROM text_sparse"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert str(stored.nnz) in out.stdout
+
+
+def test_derived_store_keeps_the_training_vocabulary(tmp_path: Path, real_train, real_test) -> None:
+    config = _sparse_config(tmp_path, real_train, real_test)
+    store = FeatureStore(config.store.dir)
+    run_builders(BuildContext(store, config, progress=False), builders_for(config))
+    derived_config = make_config(tmp_path / "d", real_train.head(120), real_test.tail(7), **{
+        "catalog.use_spacy": False, "folds.k": 4, "folds.price_bands": 4,
+        "builders": ["items", "folds", "catalog", "text_sparse"]})
+    derived = FeatureStore(derived_config.store.dir)
+    run_builders(BuildContext(derived, derived_config, progress=False, parent=store), builders_for(derived_config))
+    assert derived.info("text_sparse").extra["n_features"] == store.info("text_sparse").extra["n_features"]
+    train_ids = store.read("items").filter(pl.col("split") == "train")["sample_id"].to_numpy()
+    assert (read_sparse(store, "text_sparse", train_ids) != read_sparse(derived, "text_sparse", train_ids)).nnz == 0
+
+
+def test_sparse_learners_never_densify(tmp_path: Path) -> None:
+    """A 20,000 x 2,000,000 matrix would take 160 GB dense; the sparse learners fit it in a few hundred MB."""
+    rng = np.random.default_rng(0)
+    n, width = 20_000, 2_000_000
+    matrix = sp.random(n, width, density=30 / width, format="csr", dtype=np.float32, random_state=rng)
+    y = np.asarray(matrix[:, :1000].sum(axis=1)).ravel() + rng.normal(0, 0.1, n)
+    x = Inputs(rng.normal(size=(n, 3)).astype(np.float32), matrix)
+    config = Config()
+    config.models.mlp_sparse.epochs = 1
+    config.models.mlp_sparse.members = 1
+    config.models.mlp_sparse.hidden = [8]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for name in ("ridge", "mlp_sparse"):
+        settings = getattr(config.models, name)
+        learner = learner_class(name)(settings, 0, 1, [f"f{i}" for i in range(3 + width)], [])
+        learner.fit(x.rows(np.arange(18_000)), y[:18_000], x.rows(np.arange(18_000, n)), y[18_000:])
+        assert np.isfinite(learner.predict(x.rows(np.arange(100)))).all()
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    # The MLP's first layer alone is width x 8 float32 weights (+ Adam state): ~200 MB. Dense input: 160 GB.
+    assert grown_mib < 2_000, f"peak memory grew by {grown_mib:.0f} MiB"
+
+
+def test_test_row_encodings_have_the_oof_distribution() -> None:
+    """Test rows are encoded once per fold from that fold's fitting rows and averaged: their counts match the
+    training rows' out-of-fold counts (from (k-1)/k of the rows), not the 1.25x of an all-rows encoding."""
+    rng = np.random.default_rng(1)
+    n_train, n_test, k = 4000, 1000, 5
+    values = pl.Series(rng.choice([f"b{i}" for i in range(20)], n_train + n_test))
+    log_price = np.concatenate([rng.normal(3, 1, n_train), np.full(n_test, np.nan)])
+    fold = np.concatenate([np.arange(n_train) % k, np.full(n_test, -1)])
+    encoded, counts = encode_column(values, log_price, fold, 10.0)
+    train_mean, test_mean = counts[:n_train].mean(), counts[n_train:].mean()
+    assert abs(test_mean / train_mean - 1) < 0.03, (train_mean, test_mean)
+    assert np.isfinite(encoded).all()
+    # Control: an all-rows encoding of the test rows is ~k/(k-1) larger; the test would catch it.
+    all_rows = pl.DataFrame({"v": values[:n_train]}).group_by("v").len()
+    looked_up = pl.DataFrame({"v": values[n_train:]}).join(all_rows, on="v", how="left")["len"].to_numpy()
+    assert looked_up.mean() / train_mean > 1.2
