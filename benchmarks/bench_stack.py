@@ -1,7 +1,9 @@
-"""Benchmark: CV SMAPE of every base learner, the mean blend and the stack, on the Mercari corpus (54,806 real
-listings, folds grouped by seller) and on the 632 real Amazon rows; wall time of `stack --trials N` (base
-learners trained from scratch + the Optuna studies); and, side by side in the same run, AutoGluon-Tabular on the
-same feature tables (the GBDTs' `tables`), the same folds and the same time budget (our stack's wall time).
+"""Benchmark: CV SMAPE of every base learner, the mean blend, the best single learner and the stack, on the
+Mercari corpus (54,806 real listings, folds grouped by seller) and on the 632 real Amazon rows. In one run:
+each base learner trained from scratch (`train --learner X`: wall seconds, peak RSS), then `stack --trials N`
+with the learners already trained (wall seconds, peak RSS), then the same `stack` killed with SIGKILL mid-study
+and rerun: it must resume and end with the uninterrupted run's predictions bit for bit. Optionally, side by side,
+AutoGluon-Tabular on the same feature tables (the GBDTs' `tables`), folds and time budget.
 
 Everything runs through the CLI as a user would. AutoGluon needs the `bench` extra, whose pins clash with this
 project's newer scikit-learn/scipy, so it runs in its own environment:
@@ -17,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,12 +42,49 @@ MODEL_OUTPUTS = ("models", "runs", "predict", "optuna.journal", "submission.csv"
 
 
 def cli(*args: str) -> float:
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, "-q"], cwd=ROOT, capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"cli {' '.join(args)} failed:\n{result.stderr[-4000:]}")
-    return round(time.perf_counter() - started, 1)
+    return timed_cli(*args)[0]
+
+
+def timed_cli(*args: str) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB of the command and its worker processes) via GNU time."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
+        started = time.perf_counter()
+        result = subprocess.run(["/usr/bin/time", "-o", stats.name, "-f", "%M", sys.executable, str(ROOT / "cli.py"),
+                                 *args, "-q"], cwd=ROOT, capture_output=True, text=True)
+        wall = round(time.perf_counter() - started, 1)
+        if result.returncode != 0:
+            raise RuntimeError(f"cli {' '.join(args)} failed:\n{result.stderr[-4000:]}")
+        peak_kib = float(stats.read().strip().splitlines()[-1])
+    return wall, round(peak_kib / 1024, 1)
+
+
+def finished_trials(journal: Path) -> int:
+    if not journal.is_file():
+        return 0
+    return sum('"op_code":6' in line.replace(" ", "") for line in journal.read_text().splitlines())
+
+
+def kill_and_resume(common: list[str], trials: int, store_dir: Path, kill_after: int) -> dict:
+    """Start `stack` on a fresh journal, SIGKILL its whole process group once `kill_after` candidates are told,
+    rerun it, and compare its predictions with the uninterrupted run's."""
+    clean = pl.read_parquet(store_dir / "tables" / "predictions.parquet")
+    clean_oof = pl.read_parquet(store_dir / "tables" / "stack_oof.parquet")
+    journal = store_dir / "optuna.journal"
+    journal.unlink(missing_ok=True)
+    process = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "stack", *common, "--trials", str(trials), "-q"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while process.poll() is None and finished_trials(journal) < kill_after:
+        time.sleep(0.2)
+    killed_at = finished_trials(journal)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    resume_s = cli("stack", *common, "--trials", str(trials))
+    resumed = pl.read_parquet(store_dir / "tables" / "predictions.parquet")
+    resumed_oof = pl.read_parquet(store_dir / "tables" / "stack_oof.parquet")
+    return {"killed_after_candidates": killed_at, "killed": process.returncode == -signal.SIGKILL,
+            "resume_wall_seconds": resume_s, "identical_predictions": resumed.equals(clean),
+            "identical_stack_oof": resumed_oof.equals(clean_oof)}
 
 
 def reset_models(store_dir: Path) -> None:
@@ -80,16 +123,31 @@ def corpus(name: str, config_path: Path, store_dir: Path, trials: int, ag_python
     common = ["--config", str(config_path), "--store", str(store_dir)]
     features_s = cli("build-features", *common)
     reset_models(store_dir)
-    stack_s = cli("stack", *common, "--trials", str(trials))
+    config = load_config(config_path, {"store.dir": str(store_dir)})
+    learners: dict[str, dict] = {}
+    for learner in config.models.learners:
+        wall, peak = timed_cli("train", *common, "--learner", learner)
+        extra = FeatureStore(store_dir).info(f"oof__{learner}").extra  # type: ignore[union-attr]
+        learners[learner] = {"cv_smape": extra["oof_smape"], "train_wall_seconds": wall, "peak_rss_mib": peak}
+        print(name, learner, learners[learner], flush=True)
+    base_wall = round(sum(v["train_wall_seconds"] for v in learners.values()), 1)
+    stack_s, stack_peak = timed_cli("stack", *common, "--trials", str(trials))
     record = json.loads(sorted((store_dir / "runs").glob("stack-*.json"))[-1].read_text())
     out = {"config": str(config_path.relative_to(ROOT)), "train_rows": record["train_rows"],
-           "test_rows": record["test_rows"], "trials": trials, "build_features_seconds": features_s,
-           "stack_wall_seconds": stack_s, "base_cv_smape": record["base_cv_smape"],
-           "base_learner_seconds": {k: v["seconds"] for k, v in record["base_learners"].items()},
-           "mean_blend_cv_smape": record["mean_blend_cv_smape"], "stack_cv_smape": record["stack_cv_smape"],
-           "stack_meta": record["best_meta"], "stack_params": record["best_params"],
-           "stack_seconds_optuna": record["stack_seconds"], "nested": record["nested"]}
+           "test_rows": record["test_rows"], "trials": trials, "threads": os.cpu_count(),
+           "stack_workers": record["workers"], "build_features_seconds": features_s,
+           "base_learners": learners, "base_learners_train_wall_seconds": base_wall,
+           "stack_wall_seconds_learners_trained": stack_s, "stack_peak_rss_mib": stack_peak,
+           "stack_over_base_wall": round(stack_s / base_wall, 3),
+           "stack_seconds_in_study": record["stack_seconds"], "candidates": record["candidates"],
+           "base_cv_smape": record["base_cv_smape"], "mean_blend_cv_smape": record["mean_blend_cv_smape"],
+           "best_single_cv_smape": record["best_single_cv_smape"], "stack_cv_smape": record["stack_cv_smape"],
+           "stack_final_choice_cv_smape": record["final_cv_smape"], "stack_meta": record["best_meta"],
+           "stack_params": record["best_params"], "nested": record["nested"],
+           "outer_fold_choices": {k: v["meta"] for k, v in record["outer_folds"].items()}}
     print(name, json.dumps(out), flush=True)
+    out["kill_9_resume"] = kill_and_resume(common, trials, store_dir, kill_after=max(2, trials // 3))
+    print(name, "kill -9", json.dumps(out["kill_9_resume"]), flush=True)
     if ag_python:
         out["autogluon"] = autogluon(ag_python, store_dir, config_path, stack_s)
         print(name, "autogluon", json.dumps(out["autogluon"]), flush=True)
@@ -105,15 +163,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stack.json")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results["cpus"] = __import__("os").cpu_count()
+    results["cpus"] = os.cpu_count()
+    results["measured_on"] = "otherwise idle machine; every command at its default threads (all cores)"
+    for key in ("mercari", "amazon_632"):  # AutoGluon figures of an earlier run stay, labelled as such
+        if key in results and "autogluon" in results[key] and not args.autogluon_python:
+            results.setdefault("autogluon_earlier_run", {})[key] = results[key]["autogluon"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "mercari"):
         results["mercari"] = corpus("mercari", ROOT / "configs/mercari.toml", STORES / "mercari", args.trials,
                                     args.autogluon_python, None)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
     if args.only in (None, "amazon"):
         results["amazon_632"] = corpus("amazon", ROOT / "configs/default.toml", STORES / "amazon", args.trials,
                                        args.autogluon_python, args.amazon_from)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
