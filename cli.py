@@ -134,13 +134,21 @@ def sql(
     config: ConfigOpt = None,
     store: StoreOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="write the result to .csv or .parquet")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite --out if it exists")] = False,
     limit: Annotated[int, typer.Option(help="rows to print")] = 50,
 ) -> None:
-    """Run read-only SQL over the feature store (every table is a view)."""
+    """Run read-only SQL over the feature store (every table is a view; no other file is reachable)."""
     import polars as pl
 
     from sql.readonly import ReadOnlyViolation, run_query
 
+    if out is not None:
+        if out.suffix not in (".csv", ".parquet"):
+            _fail(f"--out {out}: expected a .csv or .parquet file name")
+        if out.exists() and not force:
+            _fail(f"--out {out} exists; pass --force to overwrite it")
+        if not out.parent.is_dir():
+            _fail(f"--out {out}: folder {out.parent} does not exist")
     _, fs = _setup(config, {"store.dir": store}, True)
     try:
         result = run_query(fs, query)
@@ -149,12 +157,10 @@ def sql(
     except Exception as exc:  # noqa: BLE001 - DuckDB raises many error classes; all are the user's query
         _fail(f"query failed: {exc}")
     if out is not None:
-        if out.suffix == ".csv":
-            result.write_csv(out)
-        elif out.suffix == ".parquet":
-            result.write_parquet(out)
-        else:
-            _fail(f"--out {out}: expected a .csv or .parquet file name")
+        from featurestore.store import atomic_write
+
+        atomic_write(out, (lambda tmp: result.write_csv(tmp)) if out.suffix == ".csv" else
+                     (lambda tmp: result.write_parquet(tmp)))
         typer.echo(f"wrote {result.height} rows to {out}")
         return
     with pl.Config(tbl_rows=limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160):

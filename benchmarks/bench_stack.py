@@ -115,7 +115,11 @@ def autogluon(python: str, store_dir: Path, config_path: Path, budget_s: float) 
 
 
 def corpus(name: str, config_path: Path, store_dir: Path, trials: int, ag_python: str | None,
-           copy_from: Path | None) -> dict:
+           copy_from: Path | None, earlier: dict | None = None) -> dict:
+    """`earlier` (--stack-only): this benchmark's previous result for the corpus, whose trained learners are
+    still in `store_dir`; only `stack` and the kill -9 check run again, the learner figures are carried over."""
+    if earlier is not None:
+        return stack_part(name, config_path, store_dir, trials, earlier["base_learners"], earlier)
     if copy_from is not None:
         shutil.rmtree(store_dir, ignore_errors=True)
         shutil.copytree(copy_from, store_dir)
@@ -130,12 +134,22 @@ def corpus(name: str, config_path: Path, store_dir: Path, trials: int, ag_python
         extra = FeatureStore(store_dir).info(f"oof__{learner}").extra  # type: ignore[union-attr]
         learners[learner] = {"cv_smape": extra["oof_smape"], "train_wall_seconds": wall, "peak_rss_mib": peak}
         print(name, learner, learners[learner], flush=True)
+    out = stack_part(name, config_path, store_dir, trials, learners, {"build_features_seconds": features_s})
+    if ag_python:
+        out["autogluon"] = autogluon(ag_python, store_dir, config_path, out["stack_wall_seconds_learners_trained"])
+        print(name, "autogluon", json.dumps(out["autogluon"]), flush=True)
+    return out
+
+
+def stack_part(name: str, config_path: Path, store_dir: Path, trials: int, learners: dict, earlier: dict) -> dict:
+    common = ["--config", str(config_path), "--store", str(store_dir)]
+    (store_dir / "optuna.journal").unlink(missing_ok=True)  # every candidate evaluated in this measurement
     base_wall = round(sum(v["train_wall_seconds"] for v in learners.values()), 1)
     stack_s, stack_peak = timed_cli("stack", *common, "--trials", str(trials))
     record = json.loads(sorted((store_dir / "runs").glob("stack-*.json"))[-1].read_text())
     out = {"config": str(config_path.relative_to(ROOT)), "train_rows": record["train_rows"],
            "test_rows": record["test_rows"], "trials": trials, "threads": os.cpu_count(),
-           "stack_workers": record["workers"], "build_features_seconds": features_s,
+           "stack_workers": record["workers"], "build_features_seconds": earlier.get("build_features_seconds"),
            "base_learners": learners, "base_learners_train_wall_seconds": base_wall,
            "stack_wall_seconds_learners_trained": stack_s, "stack_peak_rss_mib": stack_peak,
            "stack_over_base_wall": round(stack_s / base_wall, 3),
@@ -148,9 +162,6 @@ def corpus(name: str, config_path: Path, store_dir: Path, trials: int, ag_python
     print(name, json.dumps(out), flush=True)
     out["kill_9_resume"] = kill_and_resume(common, trials, store_dir, kill_after=max(2, trials // 3))
     print(name, "kill -9", json.dumps(out["kill_9_resume"]), flush=True)
-    if ag_python:
-        out["autogluon"] = autogluon(ag_python, store_dir, config_path, stack_s)
-        print(name, "autogluon", json.dumps(out["autogluon"]), flush=True)
     return out
 
 
@@ -161,6 +172,9 @@ def main() -> None:
     parser.add_argument("--amazon-from", type=Path, default=None, help="existing default-config store to copy")
     parser.add_argument("--only", choices=["mercari", "amazon"], default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stack.json")
+    parser.add_argument("--stack-only", action="store_true",
+                        help="reuse the learners this benchmark trained last time (its stores and results); rerun "
+                             "only `stack` and the kill -9 check")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results["cpus"] = os.cpu_count()
@@ -171,11 +185,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "mercari"):
         results["mercari"] = corpus("mercari", ROOT / "configs/mercari.toml", STORES / "mercari", args.trials,
-                                    args.autogluon_python, None)
+                                    args.autogluon_python, None,
+                                    results.get("mercari") if args.stack_only else None)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     if args.only in (None, "amazon"):
         results["amazon_632"] = corpus("amazon", ROOT / "configs/default.toml", STORES / "amazon", args.trials,
-                                       args.autogluon_python, args.amazon_from)
+                                       args.autogluon_python, args.amazon_from,
+                                       results.get("amazon_632") if args.stack_only else None)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 

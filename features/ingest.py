@@ -199,12 +199,8 @@ def normalise(df: pl.DataFrame, name: str, split: str, cols: ColumnsConfig, vcfg
     if problems:
         raise IngestError(problems)
 
-    ids = df[cols.id]
-    if ids.dtype == pl.String:
-        stripped = ids.str.strip_chars()
-        ids = stripped.cast(pl.Int64, strict=False) if stripped.str.contains(r"^-?\d+$").all() else stripped
     out = df.select(
-        ids.alias("sample_id"),
+        df[cols.id].alias("sample_id"),
         pl.lit(split).alias("split"),
         _combined_text(cols).alias("text"),
         (pl.col(cols.image) if cols.image else pl.lit(None, dtype=pl.String)).cast(pl.String).alias("image_link"),
@@ -219,21 +215,67 @@ def normalise(df: pl.DataFrame, name: str, split: str, cols: ColumnsConfig, vcfg
     return out
 
 
+INTEGER_TEXT = r"^-?\d+(\.0+)?$"  # "33127" or "33127.0" (a float column exported as text)
+
+
+def _integer_like(ids: pl.Series) -> bool:
+    """Whether every id is a whole number that survives a round trip through an integer: integers, integral
+    floats, or digit strings without a leading zero ("033127" is text: its zero would be lost)."""
+    if ids.dtype.is_integer():
+        return True
+    if ids.dtype.is_float():
+        return bool(((ids % 1 == 0) & ids.is_finite() & (ids.abs() < 2**53)).all())
+    if ids.dtype == pl.String:
+        text = ids.str.strip_chars()
+        return bool(text.str.contains(INTEGER_TEXT).all() and not text.str.contains(r"^-?0\d").any()
+                    and (text.str.len_chars() < 19).all())
+    return False
+
+
+def canonical_ids(frames: list[tuple[str, pl.DataFrame]], id_col: str) -> list[pl.DataFrame]:
+    """One id type for train and test, decided from the files' own values: Int64 when every id of every file is a
+    whole number (33127, 33127.0, "33127"), else text (integers written without a fraction). Duplicates and
+    train/test overlap are then checked on the canonical ids, so "33127" and "33127.0" cannot both pass."""
+    as_int = all(_integer_like(f["sample_id"]) for _, f in frames)
+    out = []
+    for name, frame in frames:
+        ids = frame["sample_id"]
+        if ids.dtype == pl.String:
+            ids = ids.str.strip_chars()
+        if as_int:
+            ids = ids.str.replace(r"\.0+$", "") if ids.dtype == pl.String else ids
+            ids = ids.cast(pl.Int64)
+        elif ids.dtype.is_float():
+            ids = pl.Series([str(int(v)) if v == int(v) else repr(v) for v in ids.to_list()], dtype=pl.String)
+        else:
+            ids = ids.cast(pl.String)
+        frame = frame.with_columns(ids.alias("sample_id"))
+        duplicated = frame["sample_id"].is_duplicated()
+        if duplicated.any():
+            raw = frame["sample_id"]
+            raise IngestError([Problem(name, row + 1, id_col, f"id {raw[row]!r} appears more than once when ids are "
+                                       "read as one type (e.g. '33127' and '33127.0'); expected unique ids")
+                               for row in _first_rows(duplicated)])
+        out.append(frame)
+    return out
+
+
 def load_items(config: Config) -> pl.DataFrame:
     cols, vcfg = config.columns, config.validation
-    frames = []
+    named = []
     for split, path_str in (("train", config.data.train), ("test", config.data.test)):
         if not path_str:
             if split == "train":
                 raise IngestError([Problem("data.train", None, None, "no training file configured")])
             continue
         path = Path(path_str)
-        frames.append(normalise(read_raw(path), str(path), split, cols, vcfg))
+        frame = normalise(read_raw(path), str(path), split, cols, vcfg)
+        if split == "train" and frame.height == 0:
+            raise IngestError([Problem(str(path), None, None, "no rows (header only); expected labelled rows")])
+        named.append((str(path), frame))
+    frames = canonical_ids(named, cols.id)
     if len(frames) == 2:
         train, test = frames
-        if train["sample_id"].dtype != test["sample_id"].dtype:
-            frames = [f.with_columns(pl.col("sample_id").cast(pl.String)) for f in frames]
-            train, test = frames
         shared = train.join(test, on="sample_id", how="semi")["sample_id"]
         if shared.len():
             rows = test.with_row_index().join(shared.to_frame(), on="sample_id", how="semi")
@@ -249,7 +291,7 @@ def load_items(config: Config) -> pl.DataFrame:
 
 class ItemsBuilder(FeatureBuilder):
     table = "items"
-    version = "1"
+    version = "2"
 
     def __init__(self, config: Config) -> None:
         self.config = config

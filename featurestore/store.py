@@ -55,7 +55,7 @@ def quote_ident(name: str) -> str:
 _DUCKDB_ELEMENT_TYPES = {pl.Float32: "FLOAT", pl.Float64: "DOUBLE", pl.Int32: "INTEGER", pl.Int64: "BIGINT"}
 
 
-def _array_casts(schema: pl.Schema) -> list[str]:
+def array_casts(schema: pl.Schema) -> list[str]:
     """Parquet has no fixed-size list, so DuckDB reads polars Arrays as LISTs; cast them back to ARRAYs so that
     array_cosine_similarity & co. work on embedding columns."""
     casts = []
@@ -70,7 +70,7 @@ def _create_view(con: duckdb.DuckDBPyConnection, name: str, path: Path) -> None:
     # Views take no bound parameters, so the path goes in as an escaped literal. Absolute, so a plain
     # `duckdb store/features.duckdb` opened from any folder finds the files.
     literal = "'" + str(path).replace("'", "''") + "'"
-    casts = _array_casts(pl.read_parquet_schema(path))
+    casts = array_casts(pl.read_parquet_schema(path))
     replace = f" REPLACE ({', '.join(casts)})" if casts else ""
     con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS SELECT *{replace} FROM read_parquet({literal})")
 

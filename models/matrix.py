@@ -61,7 +61,14 @@ def query_items(store: FeatureStore, select: list[str], joins: list[str]) -> pl.
     query = (f"SELECT {', '.join(columns)} FROM items i LEFT JOIN folds f ON f.sample_id = i.sample_id "
              f"{' '.join(joins)} ORDER BY i.sample_id")
     with store.connect(read_only=True) as con:
-        return con.sql(query).pl()
+        frame = con.sql(query).pl()
+        items = con.execute("SELECT count(*) FROM items").fetchone()[0]  # type: ignore[index]
+    if frame.height != items:
+        # A table with two rows for one id would fan the join out and silently weight that item twice.
+        raise RuntimeError(f"joining {', '.join(j.split()[1] for j in joins) or 'folds'} onto items gave "
+                           f"{frame.height} rows for {items} items: a joined table has repeated sample_ids; "
+                           "rebuild it (python cli.py build-features --force)")
+    return frame
 
 
 @dataclass

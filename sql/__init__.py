@@ -1,1 +1,1 @@
-"""Read-only SQL over the feature store (and the .sql files that assemble feature matrices)."""
+"""Read-only SQL over the feature store: a sandboxed DuckDB connection that sees only the store's tables."""

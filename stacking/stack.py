@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import resource
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -301,10 +302,21 @@ def run_levels(inputs: StackInputs, config: Config, trials: int, storage: optuna
     return StackResult(meta_oof, test_pred, meta, final.meta, final_params, record)
 
 
+def _source_hash() -> str:
+    import stacking.meta
+
+    digest = hashlib.sha256()
+    for module in (stacking.meta, sys.modules[__name__]):
+        digest.update(Path(module.__file__).read_bytes())  # type: ignore[arg-type]
+    return digest.hexdigest()[:12]
+
+
 def stack_key(store: FeatureStore, config: Config) -> str:
     payload = {"oof": {n: store.info(f"oof__{n}").fingerprint for n in config.models.learners},  # type: ignore[union-attr]
                "raw": config.stacking.raw_features, "metas": config.stacking.metas, "seed": config.stacking.seed,
-               "nested": config.stacking.nested, "method": "candidates-v2"}
+               "nested": config.stacking.nested,
+        # The meta-learners' and the study's code: candidates scored by older code are never reused.
+        "code": _source_hash()}
     return "stack-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -147,3 +147,43 @@ def test_mercari_loads_through_column_mapping(tmp_path: Path) -> None:
     assert {"cat_brand_name", "cat_category_name", "text_name", "text_item_description"} <= set(items.columns)
     assert train["group_id"].null_count() == 0
     assert items["text"][0].startswith("name: ")
+
+
+def test_ids_equal_after_conversion_are_duplicates(tmp_path: Path, real_train: pl.DataFrame) -> None:
+    """'33127' and '33127.0' are one id once read as numbers: before the fix both became 33127, the joins fanned
+    out (stack_oof reached 1,049,206 rows) and stack reported a wrong CV SMAPE with exit 0."""
+    rows = _rows(real_train)
+    rows[1]["sample_id"], rows[3]["sample_id"] = "999001", "999001.0"
+    err = _ingest_error(tmp_path, _csv(tmp_path / "t.csv", rows))
+    assert [p.row for p in err.problems] == [2, 4] and "more than once" in str(err)
+
+
+def test_leading_zero_ids_stay_text(tmp_path: Path, real_train: pl.DataFrame) -> None:
+    """'033127' is not 33127: ids with a leading zero keep all ids as text, so they stay distinct."""
+    rows = _rows(real_train)
+    rows[1]["sample_id"], rows[3]["sample_id"] = "999001", "0999001"
+    config = load_config(None, {"data.train": str(_csv(tmp_path / "t.csv", rows)), "data.test": "",
+                                "store.dir": str(tmp_path / "s")})
+    items = load_items(config)
+    assert items["sample_id"].dtype == pl.String and set(items["sample_id"]) >= {"999001", "0999001"}
+    assert items["sample_id"].n_unique() == items.height
+
+
+def test_float_train_ids_and_int_test_ids_overlap_is_caught(tmp_path: Path, real_train: pl.DataFrame,
+                                                            real_test: pl.DataFrame) -> None:
+    """Float64 train ids vs Int64 test ids used to be compared as '33127.0' vs '33127' and hid the overlap."""
+    train = real_train.head(10).with_columns(pl.col("sample_id").cast(pl.Float64))
+    test = pl.concat([real_test.head(3), real_train.head(1).drop("price")])
+    config = make_config(tmp_path, train, test)
+    with pytest.raises(IngestError) as info:
+        load_items(config)
+    assert info.value.problems[0].row == 4 and "disjoint" in str(info.value)
+    clean = make_config(tmp_path / "ok", train, real_test.head(3))
+    items = load_items(clean)
+    assert items["sample_id"].dtype == pl.Int64 and items.height == 13
+
+
+def test_header_only_train_file_is_refused(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "empty.csv", [])
+    err = _ingest_error(tmp_path, path)
+    assert "header only" in str(err) and "empty.csv" in str(err)

@@ -94,3 +94,42 @@ def test_config_rejects_unknown_and_mistyped_keys(tmp_path: Path) -> None:
     path.write_text('[folds]\nk = "five"\n')
     with pytest.raises(ConfigError, match="expected int"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["EXPLAIN ANALYZE COPY (SELECT 42 AS x) TO '{out}'", "EXPLAIN (ANALYZE) SELECT 1",
+     "explain   analyse COPY (SELECT 1) TO '{out}'", "EXPLAIN COPY (SELECT 1) TO '{out}'"],
+)
+def test_explain_cannot_execute_a_write(built_store: Path, tmp_path: Path, query: str) -> None:
+    """EXPLAIN ANALYZE executes its statement: before the fix this wrote the file and exited 0."""
+    out = tmp_path / "x.csv"
+    with pytest.raises(ReadOnlyViolation):
+        run_query(FeatureStore(built_store), query.format(out=out))
+    assert not out.exists()
+    assert run_query(FeatureStore(built_store), "EXPLAIN SELECT count(*) FROM items").height >= 1
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["SELECT * FROM read_csv('/etc/passwd')", "SELECT * FROM read_text('/etc/hostname')",
+     "SELECT * FROM read_blob('/etc/hostname')", "SELECT * FROM glob('/etc/*')",
+     "SELECT * FROM read_parquet('{store}/tables/items.parquet')", "SELECT * FROM '/etc/passwd'"],
+)
+def test_sql_reaches_only_the_store_tables(built_store: Path, query: str) -> None:
+    """Before the fix `sql` read any local file; now the connection has no file-system access at all."""
+    with pytest.raises(Exception, match="(?i)permission|disabled|does not exist"):
+        run_query(FeatureStore(built_store), query.format(store=built_store))
+    result = _cli("sql", query.format(store=built_store), "--store", str(built_store))
+    assert result.returncode == 2 and "root:" not in result.stdout
+
+
+def test_sql_out_refuses_to_overwrite(built_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rows.csv"
+    out.write_text("keep me\n")
+    result = _cli("sql", "SELECT * FROM items", "--store", str(built_store), "--out", str(out))
+    assert result.returncode == 2 and "--force" in result.stderr and out.read_text() == "keep me\n"
+    result = _cli("sql", "SELECT * FROM items", "--store", str(built_store), "--out", str(out), "--force")
+    assert result.returncode == 0 and pl.read_csv(out).height == 50
+    result = _cli("sql", "SELECT 1", "--store", str(built_store), "--out", str(tmp_path / "nope" / "x.parquet"))
+    assert result.returncode == 2 and "does not exist" in result.stderr

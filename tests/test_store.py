@@ -141,3 +141,16 @@ def test_killed_build_leaves_previous_table_intact(small_config: Config, store: 
     proc.wait()
     assert store.read("catalog").equals(before)
     assert _build(small_config, store)["catalog"] == "reused"
+
+
+def test_a_join_that_fans_out_is_an_error(small_config: Config, store: FeatureStore) -> None:
+    """A feature table with a repeated sample_id must not silently duplicate items in a learner's matrix."""
+    from models.matrix import load_frame
+
+    run_builders(BuildContext(store, small_config, progress=False), builders_for(small_config))
+    catalog = store.read("catalog")
+    doubled = pl.concat([catalog, catalog.head(3)])
+    info = store.info("catalog")
+    store.write("catalog", doubled, builder="test", params=info.params, fingerprint=info.fingerprint, seconds=0.0)
+    with pytest.raises(RuntimeError, match="repeated sample_ids"):
+        load_frame(store, ["catalog"])

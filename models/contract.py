@@ -1,0 +1,70 @@
+"""`verify_learner(cls, settings)`: the contract every registered base learner must meet (scikit-learn's
+`check_estimator`, for this project's protocol). `tests/test_contract.py` runs it over the whole registry, so a
+new learner is checked the day it is registered.
+
+Checked on a small synthetic problem (dense block + a sparse block for learners that read sparse input):
+fit → predictions of the right shape, finite; `predict` before `fit` raises NotFittedError; save → load in a
+fresh instance → identical predictions; the same seed → identical predictions; importance keys ⊆ feature names;
+a learner that does not read sparse input refuses one.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from models.base import BaseLearner, Inputs, NotFittedError
+
+
+def _problem(reads_sparse: bool, seed: int = 0) -> tuple[Inputs, np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    n = 400
+    dense = rng.normal(size=(n, 4)).astype(np.float32)
+    dense[rng.random((n, 4)) < 0.05] = np.nan  # learners must cope with missing values
+    sparse = sp.random(n, 50, density=0.1, format="csr", dtype=np.float32, random_state=rng) if reads_sparse else None
+    y = 3.0 + np.nan_to_num(dense[:, 0]) * 0.5 + rng.normal(0, 0.1, n)
+    if sparse is not None:
+        y = y + np.asarray(sparse[:, :5].sum(axis=1)).ravel()
+    names = [f"d{i}" for i in range(4)] + ([f"s{i}" for i in range(50)] if sparse is not None else [])
+    return Inputs(dense, sparse), y, names
+
+
+def verify_learner(cls: type[BaseLearner], settings: Any) -> None:
+    """Raise AssertionError naming the broken rule; return None when the learner meets the contract."""
+    x, y, names = _problem(cls.reads_sparse)
+    train, watch, test = np.arange(0, 300), np.arange(300, 350), np.arange(350, 400)
+
+    def fitted(seed: int) -> BaseLearner:
+        learner = cls(settings, seed, 1, names, [])
+        return learner.fit(x.rows(train), y[train], x.rows(watch), y[watch])
+
+    fresh = cls(settings, 0, 1, names, [])
+    try:
+        fresh.predict(x.rows(test))
+    except NotFittedError:
+        pass
+    else:
+        raise AssertionError(f"{cls.name}: predict before fit must raise NotFittedError")
+    first = fitted(7)
+    pred = first.predict(x.rows(test))
+    assert pred.shape == (len(test),) and np.isfinite(pred).all(), f"{cls.name}: bad predictions {pred[:3]}"
+    assert np.array_equal(pred, fitted(7).predict(x.rows(test))), f"{cls.name}: same seed, different output"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / cls.file_pattern.format(fold=0)
+        first.save(path)
+        loaded = cls(settings, 7, 1, names, []).load(path)
+        assert np.array_equal(pred, loaded.predict(x.rows(test))), f"{cls.name}: save -> load changed predictions"
+    unknown = set(first.importance()) - set(names)
+    assert not unknown, f"{cls.name}: importance names {sorted(unknown)[:3]} are not feature names"
+    if not cls.reads_sparse:
+        sparse_x, _, sparse_names = _problem(True)
+        try:
+            cls(settings, 0, 1, sparse_names, []).fit(sparse_x.rows(train), y[train], sparse_x.rows(watch), y[watch])
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"{cls.name}: does not read sparse input but accepted it")
