@@ -45,7 +45,7 @@ from featurestore.store import FeatureStore, Timer, atomic_write, quote_ident
 from models.base import threads
 from models.matrix import left_join, query_items
 from models.metrics import smape
-from stacking.meta import BASELINE_METAS, MetaLearner, meta_class
+from stacking.meta import BASELINE_METAS, CANDIDATE_WEIGHTS, MetaLearner, meta_class
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +184,22 @@ def _propose(study: optuna.Study, index: int, metas: list[str], seed: int) -> tu
         meta = BASELINE_METAS[index]
         trial.set_user_attr("meta", meta)
         return trial, Candidate(index, meta, {})
-    meta = trial.suggest_categorical("meta", metas)
+    meta = _meta_for(index - len(BASELINE_METAS), metas)
+    trial.set_user_attr("meta", meta)
     return trial, Candidate(index, meta, meta_class(meta).suggest(trial))
 
 
+def _meta_for(draw: int, metas: list[str]) -> str:
+    """Which meta the draw-th random candidate is: a fixed cycle weighted by CANDIDATE_WEIGHTS, so the mix does
+    not depend on the data and a resumed run assigns the same metas."""
+    weights = {m: CANDIDATE_WEIGHTS.get(m, 1) for m in metas}
+    # Interleaved (blend, ridge, lgbm, blend, ridge, ...): a short study still sees every meta.
+    cycle = [m for r in range(max(weights.values())) for m in metas if weights[m] > r]
+    return cycle[draw % len(cycle)]
+
+
 def _params_of(trial: optuna.trial.FrozenTrial) -> Candidate:
-    meta = trial.user_attrs.get("meta") or trial.params["meta"]
+    meta = trial.user_attrs["meta"]
     prefix = f"{meta}_"
     params = {k[len(prefix):]: v for k, v in trial.params.items() if k.startswith(prefix)}
     return Candidate(int(trial.user_attrs["candidate"]), meta, params)
