@@ -118,9 +118,11 @@ def knn_features(
     margin = TIE_MARGIN + sum(_largest_group(k) for k in keys)
     columns: dict[str, np.ndarray] = {}
     test_rows = np.flatnonzero(fold < 0)
-    plan = list(fold_plan(fold))
+    # Test rows: per statistic, the sum over folds and how many folds could compute it (nan-safe mean).
+    test_sum: dict[str, np.ndarray] = {}
+    test_seen: dict[str, np.ndarray] = {}
     # Each fold queries the other folds; so does every test row, once per fold, and averages what it finds.
-    for _, query_rows, base_rows in plan:
+    for _, query_rows, base_rows in fold_plan(fold):
         if len(base_rows) == 0:
             continue
         queries = np.concatenate([query_rows, test_rows])
@@ -128,20 +130,13 @@ def knn_features(
         stats = neighbour_stats(sims, idx, ids[base_rows], log_price[base_rows], [k[base_rows] for k in keys],
                                 ids[queries], [k[queries] for k in keys], ks, prefix)
         for name, values in stats.items():
-            if name not in columns:
-                columns[name] = np.full(n, np.nan)
-                columns[name][test_rows] = 0.0
-            columns[name][query_rows] = values[: len(query_rows)]
-            # nan-safe mean over folds: a statistic a fold could not compute counts as missing for that fold
-            columns[name][test_rows] += np.nan_to_num(values[len(query_rows):], nan=0.0)
-            seen = f"_seen_{name}"
-            if seen not in columns:
-                columns[seen] = np.zeros(n)
-            columns[seen][test_rows] += ~np.isnan(values[len(query_rows):])
-    for name in [c for c in columns if not c.startswith("_seen_")]:
-        seen = columns.pop(f"_seen_{name}")[test_rows]
+            columns.setdefault(name, np.full(n, np.nan))[query_rows] = values[: len(query_rows)]
+            on_test = values[len(query_rows):]
+            test_sum[name] = test_sum.get(name, 0.0) + np.nan_to_num(on_test, nan=0.0)
+            test_seen[name] = test_seen.get(name, 0) + ~np.isnan(on_test)
+    for name, total in test_sum.items():
         with np.errstate(invalid="ignore", divide="ignore"):
-            columns[name][test_rows] = np.where(seen > 0, columns[name][test_rows] / seen, np.nan)
+            columns[name][test_rows] = np.where(test_seen[name] > 0, total / test_seen[name], np.nan)
     return columns
 
 

@@ -100,7 +100,7 @@ class FittedField:
         if self.idf is not None:
             vectorizer.idf_ = np.asarray(self.idf, dtype=np.float64)
         else:
-            vectorizer.fit([""] if self.spec.analyzer != "onehot" else ["x"])  # sets the fixed vocabulary only
+            vectorizer.fit(["x"])  # one-hot (no idf): fitting only fixes the given vocabulary
         return vectorizer.transform(texts).tocsr().astype(np.float32)
 
     @property
@@ -163,11 +163,9 @@ class TextSparseBuilder(FeatureBuilder):
                 "sample_id", pl.col(column).cast(pl.String).alias(name))
             frame = frame.join(part, on="sample_id", how="left", maintain_order="left")
             names.append(name)
-        joined = frame.select(pl.concat_str([pl.col(n).fill_null("") for n in names], separator=" ")
-                              .str.strip_chars().alias("t"))["t"]
-        if spec.analyzer == "onehot":  # a missing category stays missing (no column) instead of a "" category
-            return [v if v else "" for v in joined.to_list()]
-        return joined.to_list()
+        # A missing value becomes "": no token, so a missing category gets no column (not a "" category).
+        return frame.select(pl.concat_str([pl.col(n).fill_null("") for n in names], separator=" ")
+                            .str.strip_chars().alias("t"))["t"].to_list()
 
     def build(self, ctx: BuildContext) -> pl.DataFrame:
         cfg = self.config.text_sparse
@@ -180,8 +178,7 @@ class TextSparseBuilder(FeatureBuilder):
             fitted = [FittedField.fit(spec, cfg.sublinear_tf, [t for t in field if t])
                       for spec, field in zip(cfg.fields, texts, strict=True)]
         blocks = [f.transform(field) for f, field in zip(fitted, texts, strict=True)]
-        matrix = sp.hstack(blocks, format="csr", dtype=np.float32) if blocks else None
-        assert matrix is not None
+        matrix = sp.hstack(blocks, format="csr", dtype=np.float32)
         offsets, start = [], 0
         for spec, block in zip(cfg.fields, blocks, strict=True):
             offsets.append({"block": block_name(spec), "offset": start, "size": block.shape[1]})

@@ -193,7 +193,7 @@ class LearnerBuilder(FeatureBuilder):
             "n_features": len(spec.feature_names),
             "n_sparse_features": sum(spec.sparse.values()),
             "dropped_columns": spec.dropped,
-            "importance_top": dict(_readable(ctx.store, top)),
+            "importance_top": dict(_readable(ctx.store, top, spec)),
         }
         log.info("%s: OOF SMAPE %.2f (folds %s)", self.table, self._extra["oof_smape"], result.fold_smape)
         return frame.select("sample_id", "fold").with_columns(
@@ -203,20 +203,16 @@ class LearnerBuilder(FeatureBuilder):
         return self._extra
 
 
-def _readable(store: FeatureStore, top: list[tuple[str, float]]) -> list[tuple[str, float]]:
+def _readable(store: FeatureStore, top: list[tuple[str, float]], spec: MatrixSpec) -> list[tuple[str, float]]:
     """Sparse feature names "text_sparse[123]" -> "text_sparse:name:word=leather" for the manifest."""
-    out = []
-    terms: dict[str, list[str]] = {}
-    for name, gain in top:
-        table, bracket, rest = name.partition("[")
-        if bracket and rest.endswith("]") and rest[:-1].isdigit() and store.has_table(table) and \
-                "vocabulary" in (store.info(table).extra if store.info(table) else {}):  # type: ignore[union-attr]
-            if table not in terms:
-                from features.text_sparse import sparse_terms
+    from features.text_sparse import sparse_terms
 
-                terms[table] = sparse_terms(store, table)
-            index = int(rest[:-1])
-            name = f"{table}:{terms[table][index]}" if index < len(terms[table]) else name
+    terms = {table: sparse_terms(store, table) for table in spec.sparse}
+    out = []
+    for name, gain in top:
+        table, _, rest = name.partition("[")
+        if table in terms:
+            name = f"{table}:{terms[table][int(rest[:-1])]}"
         out.append((name, round(gain, 4)))
     return out
 

@@ -41,6 +41,7 @@ import optuna
 import polars as pl
 
 from featurestore.config import Config
+from featurestore.folds import n_folds
 from featurestore.store import FeatureStore, Timer, atomic_write, quote_ident
 from models.base import threads
 from models.matrix import left_join, query_items
@@ -206,15 +207,13 @@ def _params_of(trial: optuna.trial.FrozenTrial) -> Candidate:
 
 
 def run_study(study_name: str, inputs: StackInputs, config: Config, trials: int,
-              storage: optuna.storages.BaseStorage | None, workers: int = 1, progress: bool = False
-              ) -> dict[int, tuple[Candidate, Scores]]:
+              storage: optuna.storages.BaseStorage | None, workers: int = 1) -> dict[int, tuple[Candidate, Scores]]:
     """Evaluate `trials` candidates (the baselines included); resume the ones a previous run finished."""
     metas = [m for m in config.stacking.metas if m not in BASELINE_METAS]
     for name in config.stacking.metas:
         meta_class(name)
-    n_folds = len(set(inputs.fold[inputs.fold >= 0].tolist()))
-    if n_folds < 3:
-        raise ValueError(f"stacking needs at least 3 folds for its nested CV; folds.k gives {n_folds}")
+    if n_folds(inputs.fold) < 3:
+        raise ValueError(f"stacking needs at least 3 folds for its nested CV; folds.k gives {n_folds(inputs.fold)}")
     seed = config.stacking.seed
     study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize",
                                 sampler=optuna.samplers.RandomSampler(seed=seed), load_if_exists=True)
@@ -270,13 +269,13 @@ class StackResult:
 
 
 def run_levels(inputs: StackInputs, config: Config, trials: int, storage: optuna.storages.BaseStorage | None,
-               key: str, progress: bool = False, workers: int = 1) -> StackResult:
+               key: str, workers: int = 1) -> StackResult:
     """Nested level-2 CV (honest stack score) + the final meta-learner. Pure given its inputs: no store I/O."""
     seed = config.stacking.seed
     train_rows = np.flatnonzero(inputs.fold >= 0)
     test_rows = np.flatnonzero(inputs.fold < 0)
     folds = sorted(set(inputs.fold[train_rows].tolist()))
-    done = run_study(f"{key}-candidates", inputs, config, trials, storage, workers, progress)
+    done = run_study(f"{key}-candidates", inputs, config, trials, storage, workers)
     final, final_scores = _choose(done, "final")
     meta_oof = np.full(len(inputs.ids), np.nan)
     outer: dict[int, dict[str, Any]] = {}
@@ -373,7 +372,7 @@ def run_stack(store: FeatureStore, config: Config, trials: int, progress: bool =
         inputs = stack_inputs(frame, learners, config.stacking.raw_features)
         key = stack_key(store, config)
         with Timer() as timer:
-            result = run_levels(inputs, config, trials, journal_storage(store), key, progress, workers=threads(config))
+            result = run_levels(inputs, config, trials, journal_storage(store), key, workers=threads(config))
     peak_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     record = {**result.record, "study_key": key, "stack_seconds": round(timer.seconds, 2),
