@@ -170,6 +170,10 @@ def evaluate(c: Candidate, inputs: StackInputs, seed: int) -> Scores:
 _WORKER: dict[str, Any] = {}
 
 
+def _init_worker(inputs: StackInputs, seed: int) -> None:
+    _WORKER.update(inputs=inputs, seed=seed)
+
+
 def _evaluate_in_worker(candidate: Candidate) -> Scores:
     return evaluate(candidate, _WORKER["inputs"], _WORKER["seed"])
 
@@ -232,8 +236,10 @@ def run_study(study_name: str, inputs: StackInputs, config: Config, trials: int,
     candidates = [c for _, c in proposed]
     # Scores are told as they arrive (in candidate order), so a crash keeps every candidate finished before it.
     if workers > 1 and len(candidates) > 1:
-        _WORKER.update(inputs=inputs, seed=seed)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+        # Spawned, not forked: `stack` has just trained the learners in this process, and OpenMP (LightGBM,
+        # torch) deadlocks in a child forked from a parent whose thread pool is running.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(inputs, seed)) as pool:
             _tell_all(study, proposed, pool.map(_evaluate_in_worker, candidates, chunksize=2), done)
     else:
         _tell_all(study, proposed, (evaluate(c, inputs, seed) for c in candidates), done)
