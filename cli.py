@@ -8,21 +8,32 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from features.base import BuildContext, run_builders
-from features.ingest import IngestError
-from featurestore.config import Config, ConfigError, load_config
+from featurestore.config import Config, load_config
+from featurestore.errors import UserError
+from featurestore.lock import writer_lock
 from featurestore.store import FeatureStore
 
 app = typer.Typer(help="Feature store + boosting/stacking service for catalog price prediction.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
 DEFAULT_CONFIG = Path("configs/default.toml")
+# Errors that mean bad input, settings or store state rather than a bug here: one red line, exit 1. Our own
+# code raises UserError (or ValueError / OSError for what the standard library would); the libraries below
+# raise their own classes for the same kind of thing (a corrupt Parquet file, bad LightGBM params, a query
+# error). Anything else keeps its traceback; `--debug` keeps it for these too.
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, RuntimeError)
+KNOWN_LIBRARIES = ("polars", "pyarrow", "duckdb", "lightgbm", "xgboost", "catboost", "optuna", "torch", "PIL")
+_debug = False
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config (default: configs/default.toml)")]
 StoreOpt = Annotated[str | None, typer.Option("--store", help="store folder (overrides store.dir)")]
@@ -31,41 +42,62 @@ TestOpt = Annotated[str | None, typer.Option("--test", help="test file, CSV or P
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or info logs")]
 
 
-def _setup(config_path: Path | None, overrides: dict[str, Any], quiet: bool) -> tuple[Config, FeatureStore]:
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for known errors too")] = False
+             ) -> None:
+    global _debug
+    _debug = debug
+
+
+def _config(config_path: Path | None, overrides: dict[str, Any], quiet: bool) -> Config:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
     if config_path is None and DEFAULT_CONFIG.is_file():
         config_path = DEFAULT_CONFIG
-    try:
-        config = load_config(config_path, overrides)
-    except ConfigError as exc:
-        _fail(str(exc))
-    return config, FeatureStore(config.store.dir)
+    return load_config(config_path, overrides)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+def _setup(config_path: Path | None, overrides: dict[str, Any], quiet: bool) -> tuple[Config, FeatureStore]:
+    """Config + the store, opened for a command that only reads it: a missing store is an error, not made."""
+    config = _config(config_path, overrides, quiet)
+    return config, FeatureStore(config.store.dir, create=False)
+
+
+@contextmanager
+def _writing(config_path: Path | None, overrides: dict[str, Any], quiet: bool, command: str
+             ) -> Iterator[tuple[Config, FeatureStore]]:
+    """Config + the store (made when missing), holding the store's writer lock for the whole command."""
+    config = _config(config_path, overrides, quiet)
+    root = Path(config.store.dir)
+    with writer_lock(root.resolve(), command):
+        yield config, FeatureStore(root)
 
 
 def _run(config: Config, store: FeatureStore, names: list[str] | None, force: bool, quiet: bool) -> None:
     from features.registry import builders_for
 
-    try:
-        builders = builders_for(config, names)
-        results = run_builders(BuildContext(store=store, config=config, progress=not quiet), builders, force=force)
-    except (IngestError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        _fail(str(exc))
+    builders = builders_for(config, names)
+    results = run_builders(BuildContext(store=store, config=config, progress=not quiet), builders, force=force)
     for result in results:
         typer.echo(f"{result.table:<28} {result.status:<7} {result.rows:>8} rows  {result.seconds:7.1f}s")
+
+
+def _out_path(out: Path, force: bool) -> None:
+    """Checked before any work: an --out that cannot be written fails in a second, not after the run."""
+    if out.suffix not in (".csv", ".parquet"):
+        raise UserError(f"--out {out}: expected a .csv or .parquet file name")
+    if out.exists() and not force:
+        raise UserError(f"--out {out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
 
 
 @app.command()
 def ingest(config: ConfigOpt = None, store: StoreOpt = None, train: TrainOpt = None, test: TestOpt = None,
            force: bool = False, quiet: QuietOpt = False) -> None:
     """Validate the raw train/test files and write the `items` table."""
-    cfg, fs = _setup(config, {"store.dir": store, "data.train": train, "data.test": test}, quiet)
-    _run(cfg, fs, ["items"], force, quiet)
+    with _writing(config, {"store.dir": store, "data.train": train, "data.test": test}, quiet, "ingest") as (cfg, fs):
+        _run(cfg, fs, ["items"], force, quiet)
 
 
 @app.command("build-features")
@@ -79,8 +111,9 @@ def build_features(
     quiet: QuietOpt = False,
 ) -> None:
     """Ingest, then build every feature table in `builders` (each skipped when up to date)."""
-    cfg, fs = _setup(config, {"store.dir": store, "data.train": train, "data.test": test}, quiet)
-    _run(cfg, fs, only, force, quiet)
+    overrides = {"store.dir": store, "data.train": train, "data.test": test}
+    with _writing(config, overrides, quiet, "build-features") as (cfg, fs):
+        _run(cfg, fs, only, force, quiet)
     typer.echo(f"store: {fs.root}  (SQL: python cli.py sql \"SELECT * FROM catalog LIMIT 5\")")
 
 
@@ -92,14 +125,12 @@ def download_images(config: ConfigOpt = None, store: StoreOpt = None, train: Tra
     Files already present and valid are skipped, so a rerun fetches only what failed."""
     from embeddings.images import ImageFilesBuilder
 
-    cfg, fs = _setup(config, {"store.dir": store, "data.train": train, "data.test": test}, quiet)
-    _run(cfg, fs, ["items"], False, quiet)
-    try:
+    overrides = {"store.dir": store, "data.train": train, "data.test": test}
+    with _writing(config, overrides, quiet, "download-images") as (cfg, fs):
+        _run(cfg, fs, ["items"], False, quiet)
         results = run_builders(BuildContext(store=fs, config=cfg, progress=not quiet),
                                [ImageFilesBuilder(cfg, force_download=True)], force=True)
-    except (ValueError, RuntimeError) as exc:
-        _fail(str(exc))
-    counts = fs.info("image_files").extra.get("status_counts", {})
+        counts = fs.info("image_files").extra.get("status_counts", {})  # type: ignore[union-attr]
     typer.echo(f"image_files  {results[0].rows} rows  " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 
@@ -140,22 +171,12 @@ def sql(
     """Run read-only SQL over the feature store (every table is a view; no other file is reachable)."""
     import polars as pl
 
-    from sql.readonly import ReadOnlyViolation, run_query
+    from sql.readonly import run_query
 
     if out is not None:
-        if out.suffix not in (".csv", ".parquet"):
-            _fail(f"--out {out}: expected a .csv or .parquet file name")
-        if out.exists() and not force:
-            _fail(f"--out {out} exists; pass --force to overwrite it")
-        if not out.parent.is_dir():
-            _fail(f"--out {out}: folder {out.parent} does not exist")
+        _out_path(out, force)
     _, fs = _setup(config, {"store.dir": store}, True)
-    try:
-        result = run_query(fs, query)
-    except ReadOnlyViolation as exc:
-        _fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - DuckDB raises many error classes; all are the user's query
-        _fail(f"query failed: {exc}")
+    result = run_query(fs, query)
     if out is not None:
         from featurestore.store import atomic_write
 
@@ -187,18 +208,16 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Cross-fit base learners into oof__<learner> tables (each skipped when up to date)."""
-    from models.train import learner_builders
+    from models.train import train_learners
 
-    cfg, fs = _setup(config, {"store.dir": store}, quiet)
-    try:
-        builders = learner_builders(cfg, learner)
-        results = run_builders(BuildContext(store=fs, config=cfg, progress=not quiet), builders, force=force)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        _fail(str(exc))
-    for result in results:
-        extra = fs.info(result.table).extra  # type: ignore[union-attr]
-        typer.echo(f"{result.table:<20} {result.status:<7} OOF SMAPE {extra['oof_smape']:6.2f}  "
-                   f"{result.seconds:6.1f}s")
+    with _writing(config, {"store.dir": store}, quiet, "train") as (cfg, fs):
+        if not (learner or cfg.models.learners):
+            raise UserError("no learners to train: models.learners is empty and no --learner was given")
+        results = train_learners(cfg, fs, learner, force=force, progress=not quiet)
+        for result in results:
+            extra = fs.info(result.table).extra  # type: ignore[union-attr]
+            typer.echo(f"{result.table:<20} {result.status:<7} OOF SMAPE {extra['oof_smape']:6.2f}  "
+                       f"{result.seconds:6.1f}s")
 
 
 @app.command()
@@ -208,15 +227,12 @@ def stack(
     quiet: QuietOpt = False,
 ) -> None:
     """Train stale base learners, tune the meta-learner with Optuna, write predictions + submission.csv."""
-    from stacking.stack import run_stack
+    from stacking.stack import check_stack_settings, run_stack
 
-    cfg, fs = _setup(config, {"store.dir": store, "stacking.trials": trials}, quiet)
-    if cfg.stacking.trials < 1:
-        _fail(f"--trials {cfg.stacking.trials}: expected at least 1")
-    try:
+    overrides = {"store.dir": store, "stacking.trials": trials}
+    check_stack_settings(_config(config, overrides, quiet))  # before any store is made or locked
+    with _writing(config, overrides, quiet, "stack") as (cfg, fs):
         record = run_stack(fs, cfg, cfg.stacking.trials, progress=not quiet)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        _fail(str(exc))
     _stack_summary(record)
     typer.echo(f"submission: {record.get('submission', '(no test rows)')}\nrun record: {record['run_record']}")
 
@@ -225,19 +241,21 @@ def stack(
 def predict(
     input: Annotated[Path, typer.Option("--input", help="new rows, CSV or Parquet (same columns as the test file)")],
     config: ConfigOpt = None, store: StoreOpt = None,
-    out: Annotated[Path, typer.Option("--out", help="CSV to write (sample_id,price)")] = Path("predictions.csv"),
+    out: Annotated[Path, typer.Option("--out", help="file to write (sample_id,price): .csv or .parquet")
+                   ] = Path("predictions.csv"),
+    force: Annotated[bool, typer.Option(help="overwrite --out if it exists")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Price new rows: same feature builders, stored fold models and stored meta-learner."""
     from stacking.predict import predict_file
 
-    cfg, fs = _setup(config, {"store.dir": store}, quiet)
     if not input.is_file():
-        _fail(f"--input {input}: file not found")
-    try:
+        raise UserError(f"--input {input}: file not found")
+    _out_path(out, force)
+    _setup(config, {"store.dir": store}, quiet)  # the store must exist: predict never makes one
+    # The writer lock: predict builds its derived store inside this one and must not meet a retrain halfway.
+    with _writing(config, {"store.dir": store}, quiet, "predict") as (cfg, fs):
         predictions = predict_file(cfg, fs, input, out, progress=not quiet)
-    except (IngestError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        _fail(str(exc))
     typer.echo(f"wrote {predictions.height} predictions to {out}")
 
 
@@ -250,12 +268,33 @@ def report(
     from stacking.report import build_report
 
     _, fs = _setup(config, {"store.dir": store}, True)
-    try:
-        path = build_report(fs, out or fs.root / "report.html")
-    except FileNotFoundError as exc:
-        _fail(str(exc))
+    path = build_report(fs, out or fs.root / "report.html")
     typer.echo(f"report: {path}")
 
 
+def _is_known(exc: BaseException) -> bool:
+    return isinstance(exc, KNOWN_ERRORS) or type(exc).__module__.split(".")[0] in KNOWN_LIBRARIES
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The one error boundary: a known error is one red line and exit 1; `--debug` re-raises it."""
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except click.ClickException as exc:  # usage errors: click's own message and exit code 2
+        exc.show()
+        return exc.exit_code
+    except Exception as exc:
+        if _debug or not _is_known(exc):
+            raise
+        # Our own messages are written for the user (an ingest error lists its problems one per line); a
+        # library's may span a page: one line of at most 500 characters, its class named.
+        message = str(exc) if isinstance(exc, UserError) else " ".join(str(exc).split())[:500] or "interrupted"
+        if not isinstance(exc, UserError | ValueError | OSError):
+            message = f"{type(exc).__name__}: {message}"
+        typer.secho(f"error: {message}  (--debug shows the traceback)", fg=typer.colors.RED, err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
 if __name__ == "__main__":
-    app()
+    sys.exit(main())

@@ -1,12 +1,14 @@
 """Image downloader: a thread pool with per-host politeness, retries with backoff, timeouts and a size cap.
 
-File names come from the URL basename, sanitised, and the resolved path must stay inside the image folder, so
-no URL can write elsewhere. Downloads go to a temp file that is renamed only when complete. Files already
-present and decodable are skipped, so a rerun fetches only what failed.
+Downloaded files are named by a hash of the whole URL plus its sanitised basename, so two URLs with one basename
+(`/a/pic.jpg`, `/b/pic.jpg`) never share a file, and the resolved path must stay inside the image folder, so no
+URL can write elsewhere. Redirects are followed to http(s) URLs only. Downloads go to a temp file that is renamed
+only when complete. Files already present and decodable are skipped, so a rerun fetches only what failed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -47,6 +49,30 @@ def safe_filename(url: str) -> str | None:
     base = unquote(parsed.path).replace("\\", "/").rsplit("/", 1)[-1]
     name = SAFE_NAME.sub("_", base).lstrip(".")
     return name[:200] or None
+
+
+def download_filename(url: str) -> str | None:
+    """`<sha256(url)[:16]>-<basename>`: unique per URL, still readable."""
+    name = safe_filename(url)
+    if name is None:
+        return None
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"[:200]
+
+
+class RefusedRedirect(Exception):
+    pass
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects to ftp:// too; an image link may only lead to another http(s) URL."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if urlparse(newurl).scheme not in {"http", "https"}:
+            raise RefusedRedirect(f"redirect to {newurl!r} refused: only http(s) is followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
 def inside(folder: Path, name: str) -> Path:
@@ -110,7 +136,7 @@ class Downloader:
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         tmp = target.with_name(f".{target.name}.part-{threading.get_ident()}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with _OPENER.open(request, timeout=self.timeout_s) as response:
                 declared = response.headers.get("Content-Length")
                 if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
                     raise TooLarge(f"declared size {int(declared):,} bytes > cap {self.max_bytes:,}")
@@ -131,7 +157,7 @@ class Downloader:
     def fetch(self, sample_id: object, url: str | None) -> FetchOutcome:
         if not url:
             return FetchOutcome(sample_id, url, None, "invalid_url", None, None, "no image link")
-        name = safe_filename(url)
+        name = download_filename(url)
         if name is None:
             return FetchOutcome(sample_id, url, None, "invalid_url", None, None, "expected an http(s) URL to a file")
         try:
@@ -151,6 +177,8 @@ class Downloader:
                     size = self._get(url, target)
             except TooLarge as exc:
                 return FetchOutcome(sample_id, url, None, "too_large", None, None, str(exc))
+            except RefusedRedirect as exc:
+                return FetchOutcome(sample_id, url, None, "invalid_url", None, None, str(exc))
             except urllib.error.HTTPError as exc:
                 status, last_error = "http_error", f"HTTP {exc.code}"
                 if exc.code not in RETRYABLE_STATUS:

@@ -84,7 +84,10 @@ class ImageFilesBuilder(FeatureBuilder):
             downloader = Downloader(folder, timeout_s=icfg.timeout_s, retries=icfg.retries,
                                     max_bytes=icfg.max_file_bytes, workers=icfg.workers, per_host=icfg.per_host)
             outcomes = downloader.fetch_all(pairs, progress=ctx.progress)
-        return outcomes_table(items["sample_id"], outcomes)
+        table = outcomes_table(items["sample_id"], outcomes)
+        # Files under the store are recorded relative to it, so a copied or moved store reads its own copies.
+        root = str(ctx.store.root) + os.sep
+        return table.with_columns(pl.col("path").str.strip_prefix(root))
 
     def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
         return {"status_counts": dict(table.group_by("status").len().iter_rows())}
@@ -161,7 +164,8 @@ class ImageEmbeddingBuilder(FeatureBuilder):
             errors: list[str | None] = []
             tensors, positions = [], []
             for position, path in enumerate(chunk["path"].to_list()):
-                image, error = load_image(path, icfg.max_file_bytes, icfg.max_pixels)
+                full = None if path is None else str(ctx.store.root / path)  # relative ones are in the store
+                image, error = load_image(full, icfg.max_file_bytes, icfg.max_pixels)
                 errors.append(error)
                 if image is not None:
                     tensors.append(preprocess(image))

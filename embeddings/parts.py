@@ -7,7 +7,6 @@ The part layout depends only on the (deterministic) row order and part size, so 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import shutil
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any
 import polars as pl
 from tqdm import tqdm
 
+from featurestore.fingerprint import code_hash
 from featurestore.store import FeatureStore, atomic_write_parquet
 
 
@@ -55,9 +55,8 @@ def run_in_parts(
 
 def reuse_key(builder: object, params: dict[str, Any]) -> str:
     """Rows of an earlier build may be reused only when the builder's code and parameters are the same."""
-    source = Path(inspect.getfile(type(builder))).read_bytes()
     payload = json.dumps(params, sort_keys=True, default=str).encode()
-    return hashlib.sha256(source + payload).hexdigest()[:16]
+    return hashlib.sha256(code_hash((type(builder),)).encode() + payload).hexdigest()[:16]
 
 
 def reusable_rows(stores: list[FeatureStore | None], table: str, key: str, wanted: pl.DataFrame,

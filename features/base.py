@@ -8,17 +8,16 @@ rebuilds everything downstream of it.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from featurestore.config import Config
+from featurestore.fingerprint import code_hash
 from featurestore.store import FeatureStore, Timer
 
 log = logging.getLogger(__name__)
@@ -68,31 +67,82 @@ class FeatureBuilder(ABC):
         return True
 
 
-def _module_source_hash(sources: tuple[object, ...]) -> str:
-    digest = hashlib.sha256()
-    for source in sources:
-        digest.update(Path(inspect.getfile(source)).read_bytes())  # type: ignore[arg-type]
-    return digest.hexdigest()[:12]
-
-
-def fingerprint_of(builder: FeatureBuilder, store: FeatureStore) -> str:
-    upstream = {}
+def fingerprint_inputs(builder: FeatureBuilder, store: FeatureStore,
+                       upstream: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything the table's fingerprint hashes. `upstream` overrides the manifest's fingerprints of input
+    tables with what they would be now (see `stale_tables`)."""
+    fingerprints = {}
     for name in builder.inputs:
+        if upstream is not None and name in upstream:
+            fingerprints[name] = upstream[name]
+            continue
         info = store.info(name)
         if info is None:
             raise RuntimeError(f"builder for '{builder.table}' needs table '{name}', which is not built yet")
-        upstream[name] = info.fingerprint
-    payload = {
+        fingerprints[name] = info.fingerprint
+    return {
         "table": builder.table,
         "builder": type(builder).__name__,
         "version": builder.version,
         # The builder's module source: editing the parsing code rebuilds its table without a manual bump.
-        "code": _module_source_hash(builder.code_sources()),
+        "code": code_hash(builder.code_sources()),
         "params": builder.params(),
-        "upstream": upstream,
+        "upstream": fingerprints,
         "external": builder.external_fingerprint(),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _hash_inputs(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _why_changed(before: dict[str, Any], now: dict[str, Any]) -> str:
+    if not before:
+        return "it was built by an older version of this tool"
+    before = json.loads(json.dumps(before, default=str))
+    now = json.loads(json.dumps(now, sort_keys=True, default=str))
+    reasons = []
+    changed = sorted(n for n in now["upstream"] if before.get("upstream", {}).get(n) != now["upstream"][n])
+    if changed:
+        reasons.append(f"input table(s) {', '.join(changed)} changed since it was built")
+    if before.get("external") != now["external"]:
+        reasons.append("its input files changed since it was built")
+    if before.get("params") != now["params"]:
+        keys = sorted(k for k in set(now["params"]) | set(before.get("params", {}))
+                      if now["params"].get(k) != before.get("params", {}).get(k))
+        reasons.append(f"its settings changed ({', '.join(keys)})")
+    if before.get("code") != now["code"] or before.get("version") != now["version"]:
+        reasons.append("its builder's code changed")
+    return "; ".join(reasons) or "its inputs changed"
+
+
+def stale_tables(store: FeatureStore, builders: list[FeatureBuilder], tables: set[str]) -> dict[str, str]:
+    """Tables among `tables` (and what they read, transitively) whose stored fingerprint is not what their
+    builder would compute now, with the reason. A change propagates: after `ingest` of a new train file,
+    `folds` is stale because `items` changed, and `knn__x` because `folds` would change. Tables no builder
+    here makes, or not in the store, are left to the commands that read them."""
+    by_table = {b.table: b for b in builders}
+    expected: dict[str, str] = {}
+    stale: dict[str, str] = {}
+
+    def visit(name: str) -> None:
+        builder = by_table.get(name)
+        if name in expected or builder is None or store.info(name) is None:
+            return
+        for upstream in builder.inputs:
+            visit(upstream)
+        now = fingerprint_inputs(builder, store, expected)
+        expected[name] = _hash_inputs(now)
+        info = store.info(name)
+        assert info is not None
+        if info.fingerprint != expected[name]:
+            stale[name] = _why_changed(info.inputs, now)
+        elif not store.is_fresh(name, info.fingerprint):
+            stale[name] = "its file does not match its manifest row (a crash between writing and recording it?)"
+
+    for name in sorted(tables):
+        visit(name)
+    return stale
 
 
 @dataclass
@@ -106,7 +156,8 @@ class BuildResult:
 def run_builders(ctx: BuildContext, builders: list[FeatureBuilder], force: bool = False) -> list[BuildResult]:
     results = []
     for builder in builders:
-        fingerprint = fingerprint_of(builder, ctx.store)
+        inputs = fingerprint_inputs(builder, ctx.store)
+        fingerprint = _hash_inputs(inputs)
         fresh = ctx.store.is_fresh(builder.table, fingerprint) and builder.artifacts_ok(ctx.store, fingerprint)
         if not force and fresh:
             info = ctx.store.info(builder.table)
@@ -126,6 +177,7 @@ def run_builders(ctx: BuildContext, builders: list[FeatureBuilder], force: bool 
             seconds=timer.seconds,
             extra=builder.manifest_extra(ctx, table),
             extra_versions=builder.extra_versions,
+            inputs=inputs,
         )
         log.info("%s: %d rows in %.1fs", builder.table, table.height, timer.seconds)
         results.append(BuildResult(builder.table, "built", timer.seconds, table.height))

@@ -7,6 +7,7 @@ categorical values with their `/`-separated levels, and numeric columns.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import polars as pl
@@ -15,6 +16,8 @@ from tqdm import tqdm
 from features.base import BuildContext, FeatureBuilder
 from features.units import canonical_unit, unit_factor, unit_kind
 from featurestore.config import Config
+
+log = logging.getLogger(__name__)
 
 HTML_TAG = r"<[^>]{1,200}>"
 NUMBER = r"(\d+(?:[.,]\d+)?)"
@@ -68,6 +71,25 @@ def _to_number(expr: pl.Expr) -> pl.Expr:
     return pl.when(value.is_nan() | value.is_infinite()).then(None).otherwise(value)
 
 
+# Larger parsed quantities are typos or attacks (`Value: 1e308` became infinity after unit conversion and XGBoost
+# aborted `predict` naming no row); the largest real one in the challenge data is ~1e5.
+MAX_PARSED_NUMBER = 1e9
+
+
+def bound_numbers(df: pl.DataFrame, columns: list[str], what: str) -> pl.DataFrame:
+    """Null every value of `columns` that is not finite or beyond +-MAX_PARSED_NUMBER, with a warning naming
+    the rows (by sample_id): one bad number must cost one feature of one row, not the whole file."""
+    for column in columns:
+        bad = df[column].is_infinite() | df[column].is_nan() | (df[column].abs() > MAX_PARSED_NUMBER)
+        bad = bad.fill_null(False)
+        if bad.any():
+            ids = df.filter(bad)["sample_id"].head(5).to_list()
+            log.warning("%s: %d value(s) of %s out of range (|x| > %.0e or not finite), set to null; sample_id %s%s",
+                        what, int(bad.sum()), column, MAX_PARSED_NUMBER, ids, " ..." if bad.sum() > 5 else "")
+            df = df.with_columns(pl.when(bad).then(None).otherwise(pl.col(column)).alias(column))
+    return df
+
+
 def pack_count_expr(text: pl.Expr) -> pl.Expr:
     candidates = [text.str.extract(pattern, 1).cast(pl.Int64, strict=False) for pattern in PACK_PATTERNS]
     count = pl.coalesce(*candidates)
@@ -93,6 +115,7 @@ def parse_amazon(items: pl.DataFrame) -> pl.DataFrame:
         pack_from_text=pack_count_expr(pl.col("clean")),
         name_size=pl.col("item_name").str.extract_groups(NAME_SIZE),
     )
+    df = bound_numbers(df, ["value"], "catalog Value")
     df = df.with_columns(
         unit_kind=unit_kind(pl.col("unit")),
         unit_factor=unit_factor(pl.col("unit")),
@@ -101,6 +124,7 @@ def parse_amazon(items: pl.DataFrame) -> pl.DataFrame:
         name_size_value=_to_number(pl.col("name_size").struct.field("1")),
         name_size_unit=canonical_unit(pl.col("name_size").struct.field("2")),
     )
+    df = bound_numbers(df, ["name_size_value"], "size in the item name")
     df = df.with_columns(
         quantity_base=pl.col("value") * pl.col("unit_factor"),
         name_size_base=pl.col("name_size_value") * unit_factor(pl.col("name_size_unit")),
@@ -203,6 +227,7 @@ class CatalogBuilder(FeatureBuilder):
         items = ctx.store.read("items")
         cols = self.config.columns
         table = generic_features(items, cols.categorical, cols.numeric)
+        table = bound_numbers(table, [f"num_{c}" for c in cols.numeric], "numeric column")
         if cols.catalog_format == "amazon":
             table = table.join(parse_amazon(items), on="sample_id", how="left", maintain_order="left")
             if self.config.catalog.use_spacy:

@@ -6,7 +6,9 @@ nothing is written, so a bad file never leaves a half-ingested store behind.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import polars as pl
 
 from features.base import BuildContext, FeatureBuilder
 from featurestore.config import ColumnsConfig, Config, ValidationConfig
+from featurestore.errors import UserError
 
 MAX_REPORTED_PROBLEMS = 25
 
@@ -35,7 +38,7 @@ class Problem:
         return f"{', '.join(where)}: {self.message}"
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         shown = "\n  ".join(str(p) for p in problems[:MAX_REPORTED_PROBLEMS])
@@ -55,8 +58,15 @@ def read_raw(path: Path) -> pl.DataFrame:
     if not path.is_file():
         raise IngestError([Problem(name, None, None, "file not found")])
     suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise IngestError([Problem(name, None, None, "file is empty; expected a header line and rows")])
     if suffix in {".parquet", ".pq"}:
-        return pl.read_parquet(path)
+        try:
+            return pl.read_parquet(path)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise IngestError([Problem(name, None, None, f"not a readable Parquet file ({reason}); "
+                                                         "re-export it, or give a CSV")]) from exc
     if suffix not in {".csv", ".tsv", ".txt"}:
         raise IngestError([Problem(name, None, None, f"expected a .csv or .parquet file, got '{suffix}'")])
     raw = path.read_bytes()
@@ -76,7 +86,24 @@ def read_raw(path: Path) -> pl.DataFrame:
     try:
         return pl.read_csv(raw, infer_schema=False, separator=separator)
     except pl.exceptions.ComputeError as exc:
-        raise IngestError([Problem(name, None, None, f"not a readable CSV: {exc}")]) from exc
+        raise IngestError([_csv_structure_problem(name, raw.decode("utf-8"), separator, exc)]) from exc
+
+
+def _csv_structure_problem(name: str, text: str, separator: str, exc: Exception) -> Problem:
+    """polars says *what* is wrong with a CSV's structure but not *where*: find the first row whose field count
+    differs from the header's (the stdlib reader follows the same quoting rules), so the error names it."""
+    reader = csv.reader(io.StringIO(text), delimiter=separator)
+    try:
+        header = next(reader)
+        for row in reader:
+            if row and len(row) != len(header):
+                # line_num counts physical lines, so quoted newlines keep it pointing at the row's last line.
+                return Problem(name, reader.line_num - 1, None,
+                               f"has {len(row)} fields but the header has {len(header)} (an unquoted "
+                               f"'{separator}' or a stray quote?)")
+    except csv.Error as err:
+        return Problem(name, reader.line_num - 1, None, f"not a readable CSV row: {err}")
+    return Problem(name, None, None, f"not a readable CSV: {str(exc).splitlines()[0]}")
 
 
 def file_sha256(path: Path) -> str:

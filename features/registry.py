@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
-from features.base import FeatureBuilder
+from features.base import FeatureBuilder, stale_tables
 from features.catalog import CatalogBuilder
 from features.folds import FoldsBuilder
 from features.ingest import ItemsBuilder
 from features.target_encoding import TargetEncodingBuilder
 from features.text_sparse import TextSparseBuilder
 from featurestore.config import Config
+from featurestore.errors import StaleTable
+from featurestore.store import FeatureStore
 
 BuilderFactory = Callable[[Config], list[FeatureBuilder]]
 
@@ -75,3 +78,25 @@ def builders_for(config: Config, names: list[str] | None = None) -> list[Feature
     for name in names:
         builders += REGISTRY[name](config)
     return builders
+
+
+def config_as_built(config: Config, store: FeatureStore) -> Config:
+    """`config` with the train/test files the store's `items` was built from (`build-features --train X` then
+    `stack` without `--train` must mean that same X, not the config's default file)."""
+    info = store.info("items")
+    if info is None:
+        return config
+    built = copy.deepcopy(config)
+    built.data.train = info.params.get("train", built.data.train)
+    built.data.test = info.params.get("test", built.data.test)
+    return built
+
+
+def require_fresh(config: Config, store: FeatureStore, tables: set[str],
+                  more_builders: list[FeatureBuilder] | None = None, fix: str = "python cli.py build-features") -> None:
+    """Refuse to go on when any of `tables` (or what it reads) no longer matches its inputs: a train file
+    changed or re-ingested, settings changed. Names each stale table and why."""
+    stale = stale_tables(store, builders_for(config_as_built(config, store)) + (more_builders or []), tables)
+    if stale:
+        why = "; ".join(f"'{table}': {reason}" for table, reason in stale.items())
+        raise StaleTable(f"stale table(s) in {store.root}: {why}. Run `{fix}` to rebuild them")

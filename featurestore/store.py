@@ -20,6 +20,9 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from featurestore.errors import StoreNotFound
+from featurestore.lock import database_lock
+
 MANIFEST_DDL = """
 CREATE TABLE IF NOT EXISTS manifest (
     table_name VARCHAR PRIMARY KEY,
@@ -34,6 +37,9 @@ CREATE TABLE IF NOT EXISTS manifest (
     extra JSON
 )
 """
+# What a table's fingerprint was computed from (code hash, params, upstream fingerprints, outside files), so a
+# stale table can say *why* it is stale. Added after the first stores were made, hence ALTER.
+MANIFEST_INPUTS_DDL = "ALTER TABLE manifest ADD COLUMN IF NOT EXISTS inputs JSON"
 
 _VERSIONED_LIBRARIES = ("polars", "duckdb", "numpy", "pyarrow")
 
@@ -66,10 +72,15 @@ def array_casts(schema: pl.Schema) -> list[str]:
     return casts
 
 
+def _path_literal(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
 def _create_view(con: duckdb.DuckDBPyConnection, name: str, path: Path) -> None:
     # Views take no bound parameters, so the path goes in as an escaped literal. Absolute, so a plain
-    # `duckdb store/features.duckdb` opened from any folder finds the files.
-    literal = "'" + str(path).replace("'", "''") + "'"
+    # `duckdb store/features.duckdb` opened from any folder finds the files; a copied or moved store gets its
+    # views re-pointed when it is next opened (FeatureStore.__init__).
+    literal = _path_literal(path)
     casts = array_casts(pl.read_parquet_schema(path))
     replace = f" REPLACE ({', '.join(casts)})" if casts else ""
     con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS SELECT *{replace} FROM read_parquet({literal})")
@@ -90,8 +101,18 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda tmp: df.write_parquet(tmp, compression="zstd"))
+def atomic_write_parquet(df: pl.DataFrame, path: Path, metadata: dict[str, str] | None = None) -> None:
+    atomic_write(path, lambda tmp: df.write_parquet(tmp, compression="zstd", metadata=metadata))
+
+
+# Key in each table file's Parquet footer: the fingerprint it was written under. The manifest row is committed
+# after the file's rename, so a crash between the two leaves a file whose footer disagrees with the manifest;
+# `is_fresh` sees that and the table is rebuilt instead of trusted.
+FINGERPRINT_KEY = "pricestack.fingerprint"
+
+
+def file_fingerprint(path: Path) -> str | None:
+    return pl.read_parquet_metadata(path).get(FINGERPRINT_KEY)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -109,29 +130,49 @@ class TableInfo:
     created_at: datetime
     params: dict[str, Any]
     extra: dict[str, Any]
+    inputs: dict[str, Any]
 
 
 class FeatureStore:
     """A folder holding `tables/<name>.parquet`, `features.duckdb` (views + manifest) and scratch space."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, create: bool = True) -> None:
+        """Open the store at `root`; with `create=False` (read-only commands) a folder without one is an error
+        instead of a new empty store."""
         self.root = Path(root).resolve()
         self.tables_dir = self.root / "tables"
         self.scratch_dir = self.root / "scratch"
         self.db_path = self.root / "features.duckdb"
-        self.tables_dir.mkdir(parents=True, exist_ok=True)
-        self.scratch_dir.mkdir(parents=True, exist_ok=True)
-        with self.connect(read_only=False) as con:
+        if not create and not self.db_path.is_file():
+            raise StoreNotFound(f"no feature store at {self.root} (no features.duckdb there); check --store / "
+                                "store.dir, or run `python cli.py build-features` first")
+        if create:
+            self.tables_dir.mkdir(parents=True, exist_ok=True)
+            self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        with self.connect(read_only=False) as con:  # idempotent; brings stores made before `inputs` up to date
             con.execute(MANIFEST_DDL)
+            con.execute(MANIFEST_INPUTS_DDL)
+        if self._views_elsewhere():
+            self.refresh_views()
 
     # -- connections -------------------------------------------------------------------------------
     @contextmanager
     def connect(self, read_only: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = duckdb.connect(str(self.db_path), read_only=read_only)
-        try:
-            yield con
-        finally:
-            con.close()
+        # The database lock makes a reader wait for a writing connection (and the other way round) instead of
+        # failing on DuckDB's own file lock.
+        with database_lock(self.root, exclusive=not read_only):
+            con = duckdb.connect(str(self.db_path), read_only=read_only)
+            try:
+                yield con
+            finally:
+                con.close()
+
+    def _views_elsewhere(self) -> bool:
+        """True when a view reads a Parquet file outside this store's folder: the store was copied or moved."""
+        with self.connect(read_only=True) as con:
+            sqls = [r[0] for r in con.execute("SELECT sql FROM duckdb_views() WHERE NOT internal").fetchall()]
+        here = _path_literal(self.tables_dir)[:-1] + "/"
+        return any(here not in sql for sql in sqls)
 
     # -- tables ------------------------------------------------------------------------------------
     def table_path(self, name: str) -> Path:
@@ -161,14 +202,16 @@ class FeatureStore:
         seconds: float,
         extra: dict[str, Any] | None = None,
         extra_versions: tuple[str, ...] = (),
+        inputs: dict[str, Any] | None = None,
     ) -> None:
         path = self.table_path(name)
-        atomic_write_parquet(df, path)
+        atomic_write_parquet(df, path, {FINGERPRINT_KEY: fingerprint})
         with self.connect(read_only=False) as con:
             con.execute("BEGIN")
             _create_view(con, name, path)
             con.execute(
-                "INSERT OR REPLACE INTO manifest VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO manifest (table_name, builder, params, fingerprint, row_count, column_count, "
+                "seconds, versions, created_at, extra, inputs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     name,
                     builder,
@@ -180,19 +223,16 @@ class FeatureStore:
                     json.dumps(library_versions(extra_versions)),
                     datetime.now(UTC).replace(tzinfo=None),
                     json.dumps(extra or {}, default=str),
+                    json.dumps(inputs or {}, sort_keys=True, default=str),
                 ],
             )
             con.execute("COMMIT")
-
-    def update_extra(self, name: str, extra: dict[str, Any]) -> None:
-        with self.connect(read_only=False) as con:
-            con.execute("UPDATE manifest SET extra = ? WHERE table_name = ?", [json.dumps(extra), name])
 
     def info(self, name: str) -> TableInfo | None:
         with self.connect(read_only=True) as con:
             row = con.execute(
                 "SELECT table_name, builder, fingerprint, row_count, column_count, seconds, created_at, "
-                "params, extra FROM manifest WHERE table_name = ?",
+                "params, extra, inputs FROM manifest WHERE table_name = ?",
                 [name],
             ).fetchone()
         if row is None:
@@ -207,11 +247,14 @@ class FeatureStore:
             created_at=row[6],
             params=json.loads(row[7]),
             extra=json.loads(row[8]),
+            inputs=json.loads(row[9]) if row[9] else {},
         )
 
     def is_fresh(self, name: str, fingerprint: str) -> bool:
         info = self.info(name)
-        return info is not None and info.fingerprint == fingerprint and self.table_path(name).is_file()
+        path = self.table_path(name)
+        return (info is not None and info.fingerprint == fingerprint and path.is_file()
+                and file_fingerprint(path) == fingerprint)
 
     def manifest(self) -> pl.DataFrame:
         with self.connect(read_only=True) as con:

@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from features.base import BuildContext, FeatureBuilder
+from features.base import BuildContext, BuildResult, FeatureBuilder, run_builders
 from featurestore.config import Config
 from featurestore.folds import fold_plan
 from featurestore.sparse import sparse_width
@@ -242,3 +242,14 @@ def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, 
 
 def learner_builders(config: Config, names: list[str] | None = None) -> list[LearnerBuilder]:
     return [LearnerBuilder(config, name) for name in (names or config.models.learners)]
+
+
+def train_learners(config: Config, store: FeatureStore, names: list[str] | None = None, force: bool = False,
+                   progress: bool = True) -> list[BuildResult]:
+    """Cross-fit the learners whose `oof__` table is stale, after checking that the feature tables they read
+    still match their inputs (a re-ingested train file must not meet the old folds and encodings)."""
+    from features.registry import require_fresh
+
+    builders = learner_builders(config, names)
+    require_fresh(config, store, {table for b in builders for table in b.inputs})
+    return run_builders(BuildContext(store, config, progress=progress), builders, force=force)

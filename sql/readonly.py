@@ -18,14 +18,15 @@ import duckdb
 import polars as pl
 import pyarrow.dataset as ds
 
+from featurestore.errors import UserError
 from featurestore.store import FeatureStore, array_casts, quote_ident
 
 EXPLAIN_ANALYZE = re.compile(r"^\s*EXPLAIN\s*(\(\s*)?ANALY[SZ]E\b", re.IGNORECASE)
 EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s+", re.IGNORECASE)
 
 
-class ReadOnlyViolation(PermissionError):
-    pass
+class ReadOnlyViolation(UserError, PermissionError):
+    """A statement that could write or reach beyond the store's tables."""
 
 
 def _statements(query: str) -> list[duckdb.Statement]:

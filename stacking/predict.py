@@ -10,6 +10,7 @@ meta-learner predict them. Ids that are also training ids are refused by ingest:
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,13 @@ import polars as pl
 
 from features.base import BuildContext, run_builders
 from features.ingest import file_sha256
-from features.registry import builders_for
+from features.registry import builders_for, config_as_built, require_fresh
 from featurestore.config import Config
+from featurestore.errors import StaleTable
 from featurestore.store import FeatureStore, Timer
 from models.matrix import MatrixSpec
-from models.train import SPEC_FILE, predict_saved
-from stacking.stack import load_meta, meta_frame, write_submission
+from models.train import SPEC_FILE, learner_builders, predict_saved
+from stacking.stack import load_meta, meta_frame, stack_key, write_submission
 
 
 def prediction_store_dir(store: FeatureStore, input_path: Path) -> Path:
@@ -40,27 +42,50 @@ def _check_same_settings(trained: FeatureStore, derived: FeatureStore, tables: s
                                "rerun `python cli.py stack` with this config")
 
 
+def _tables_used(store: FeatureStore, learners: list[str], raw_features: list[str]) -> set[str]:
+    used = {f.partition(".")[0] for f in raw_features}
+    for name in learners:
+        model_dir = store.root / store.info(f"oof__{name}").extra["model_dir"]  # type: ignore[union-attr]
+        used |= set(MatrixSpec.load(model_dir / SPEC_FILE).tables)
+    return used
+
+
+def _require_current_stack(config: Config, store: FeatureStore, learners: list[str], raw_features: list[str],
+                           key: str) -> None:
+    """The stored stack must still match what it was trained from: the train file, the feature tables, the
+    learners and the stacking settings. Otherwise its predictions would silently mix old models with new data."""
+    fix = "python cli.py build-features && python cli.py stack"
+    tables = _tables_used(store, learners, raw_features) | {f"oof__{name}" for name in learners}
+    require_fresh(config, store, tables, learner_builders(config, learners), fix=fix)
+    if stack_key(store, config) != key:
+        raise StaleTable(f"the stack in {store.root} was tuned on other learner tables or stacking settings than "
+                         f"the store and config hold now (learners retrained, or [stacking] changed); run `{fix}`")
+
+
 def predict_file(config: Config, store: FeatureStore, input_path: Path, out: Path, progress: bool = True
                  ) -> pl.DataFrame:
     info = store.info("predictions")
     if info is None:
         raise FileNotFoundError(f"no stack in {store.root}; run `python cli.py stack` first")
     record = info.extra
-    derived_config = copy.deepcopy(config)
+    learners = list(record["base_cv_smape"])
+    raw_features = list(record["meta_features"][len(learners):])
+    _require_current_stack(config, store, learners, raw_features, info.params["key"])
+    derived_config = copy.deepcopy(config_as_built(config, store))
     derived_config.data.test = str(input_path)
     derived_dir = prediction_store_dir(store, input_path)
     derived_config.store.dir = str(derived_dir)
+    created = not derived_dir.exists()
     derived = FeatureStore(derived_dir)
     with Timer() as timer:
-        run_builders(BuildContext(derived, derived_config, progress=progress, parent=store),
-                     builders_for(derived_config))
-        learners = list(record["meta_features"][: len(record["base_cv_smape"])])
-        raw_features = list(record["meta_features"][len(learners):])
-        used = {f.partition(".")[0] for f in raw_features}
-        for name in learners:
-            model_dir = store.root / store.info(f"oof__{name}").extra["model_dir"]  # type: ignore[union-attr]
-            used |= set(MatrixSpec.load(model_dir / SPEC_FILE).tables)
-        _check_same_settings(store, derived, used)
+        try:
+            run_builders(BuildContext(derived, derived_config, progress=progress, parent=store),
+                         builders_for(derived_config))
+        except BaseException:
+            if created:  # a rejected input leaves nothing behind (a kept store would only serve a rerun)
+                shutil.rmtree(derived_dir, ignore_errors=True)
+            raise
+        _check_same_settings(store, derived, _tables_used(store, learners, raw_features))
         frame = meta_frame(derived, [], raw_features).filter(pl.col("split") == "test").select(
             "sample_id", *raw_features)
         for name in learners:

@@ -40,7 +40,9 @@ import numpy as np
 import optuna
 import polars as pl
 
-from featurestore.config import Config
+from featurestore.config import Config, ConfigError
+from featurestore.errors import UserError
+from featurestore.fingerprint import code_hash
 from featurestore.folds import n_folds
 from featurestore.store import FeatureStore, Timer, atomic_write, quote_ident
 from models.base import threads
@@ -320,10 +322,7 @@ def run_levels(inputs: StackInputs, config: Config, trials: int, storage: optuna
 def _source_hash() -> str:
     import stacking.meta
 
-    digest = hashlib.sha256()
-    for module in (stacking.meta, sys.modules[__name__]):
-        digest.update(Path(module.__file__).read_bytes())  # type: ignore[arg-type]
-    return digest.hexdigest()[:12]
+    return code_hash((stacking.meta, sys.modules[__name__]))
 
 
 def stack_key(store: FeatureStore, config: Config) -> str:
@@ -335,9 +334,31 @@ def stack_key(store: FeatureStore, config: Config) -> str:
     return "stack-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _repair_journal(path: Path) -> None:
+    """A kill mid-append leaves a torn last line, which Optuna refuses with a bare JSON error. That line is a
+    record that never completed: cut it (its candidate is evaluated again). A bad line elsewhere is not ours to
+    guess about: refuse, naming it."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: cutting a torn last record (%d bytes) left by an interrupted run", path, len(data) - keep)
+        with path.open("r+b") as fh:
+            fh.truncate(keep)
+        data = data[:keep]
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}, line {number}: not a JSON record; the Optuna journal is damaged. Delete it "
+                            "to restart the stack's study from scratch (base learners are kept)") from None
+
+
 def journal_storage(store: FeatureStore) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend
 
+    _repair_journal(store.root / JOURNAL)
     return optuna.storages.JournalStorage(JournalFileBackend(str(store.root / JOURNAL)))
 
 
@@ -355,24 +376,43 @@ def load_meta(path: Path, config: Config) -> tuple[MetaLearner, list[str]]:
 
 
 def write_submission(path: Path, ids: np.ndarray, price: np.ndarray, expected_ids: np.ndarray) -> pl.DataFrame:
-    """The challenge format (sample_id,price): every test id exactly once, finite positive prices."""
+    """The challenge format (sample_id,price): every test id exactly once, finite positive prices; CSV, or
+    Parquet when `path` ends in .parquet."""
     submission = pl.DataFrame({"sample_id": ids, "price": price})
     if submission["sample_id"].n_unique() != submission.height or set(ids.tolist()) != set(expected_ids.tolist()):
         raise RuntimeError("submission ids do not match the test ids one to one")
     if not np.all(np.isfinite(price)) or np.any(price <= 0):
         raise RuntimeError("submission has non-finite or non-positive prices")
-    atomic_write(path, lambda tmp: submission.write_csv(tmp))
+    if path.suffix == ".parquet":
+        atomic_write(path, lambda tmp: submission.write_parquet(tmp))
+    else:
+        atomic_write(path, lambda tmp: submission.write_csv(tmp))
     return submission
+
+
+def check_stack_settings(config: Config) -> None:
+    """What would otherwise fail only after the base learners trained (minutes to hours): no learners, an
+    unknown learner or meta-learner name."""
+    from models.registry import learner_class
+
+    if not config.models.learners:
+        raise ConfigError("models.learners is empty; name at least one learner, e.g. learners = [\"lgbm\"]")
+    for name in config.models.learners:
+        learner_class(name)
+    for name in config.stacking.metas:
+        meta_class(name)
+    if config.stacking.trials < 1:
+        raise ConfigError(f"stacking.trials (--trials) is {config.stacking.trials}; expected at least 1")
 
 
 def run_stack(store: FeatureStore, config: Config, trials: int, progress: bool = True) -> dict[str, Any]:
     """Train stale base learners, run the studies, write stack_oof, predictions, submission.csv and a run record."""
-    from features.base import BuildContext, run_builders
-    from models.train import learner_builders
+    from models.train import train_learners
 
+    check_stack_settings(config)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with Timer() as total:
-        built = run_builders(BuildContext(store, config, progress=progress), learner_builders(config))
+        built = train_learners(config, store, progress=progress)
         learners = list(config.models.learners)
         frame = meta_frame(store, learners, config.stacking.raw_features)
         inputs = stack_inputs(frame, learners, config.stacking.raw_features)

@@ -90,3 +90,20 @@ def test_spacy_brand_ner_on_real_names() -> None:
     assert brands[0] == "goya foods"
     assert brands[1] is None and brands[2] is None
     assert not any(isinstance(b, float) and math.isnan(b) for b in brands)
+
+
+def test_extreme_numbers_become_null_with_a_warning_naming_the_row(caplog: pytest.LogCaptureFixture) -> None:
+    """Audit case: `Value: 1e308` turned into infinity after unit conversion and XGBoost aborted `predict` with
+    a C++ backtrace naming no row. Now the one value is null, the row and the rest of the file are fine."""
+    items = pl.DataFrame({
+        "sample_id": [1, 2, 3],
+        "text": ["Item Name: Huge\nValue: 1e308\nUnit: Ounce", "Item Name: Tea 12 oz\nValue: 12\nUnit: Ounce",
+                 "Item Name: Oil 9e99 Liters\nValue: -5e20\nUnit: Liters"],
+    })
+    with caplog.at_level("WARNING"):
+        parsed = parse_amazon(items)
+    assert parsed["value"].to_list() == [None, 12.0, None]
+    for column in ("quantity_base", "log_quantity_base", "quantity_per_pack", "name_size_base"):
+        values = parsed[column].drop_nulls()
+        assert values.is_finite().all(), column
+    assert "sample_id [1, 3]" in caplog.text and "Value" in caplog.text

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from embeddings.download import Downloader, resolve_local, safe_filename
+from embeddings.download import Downloader, file_sha256, resolve_local, safe_filename
 
 
 def _jpeg(color: str = "red") -> bytes:
@@ -33,7 +33,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         HITS[self.path] += 1
         name = self.path.rsplit("/", 1)[-1]
-        if name.startswith("good"):
+        if self.path.startswith("/blue/"):
+            self._send(200, _jpeg("blue"))
+        elif name == "to-ftp.jpg" or name == "to-http.jpg":
+            self.send_response(302)
+            target = "ftp://127.0.0.1/pic.jpg" if name == "to-ftp.jpg" else "/img/good-redirected.jpg"
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif name.startswith("good"):
             self._send(200, GOOD)
         elif name == "missing.jpg":
             self._send(404, b"not found")
@@ -129,3 +137,26 @@ def test_resolve_local_uses_shipped_images() -> None:
     outcome = resolve_local(folder, 1, "https://m.media-amazon.com/images/I/21DflYyJ4PL.jpg")
     assert outcome.status == "local" and outcome.bytes > 0
     assert resolve_local(folder, 2, "https://m.media-amazon.com/images/I/nope.jpg").status == "missing"
+
+
+def test_two_urls_with_one_basename_get_two_files(server: str, tmp_path: Path) -> None:
+    """Audit case: `/a/pic.jpg` and `/b/pic.jpg` were saved to one file, so one product got the other's image
+    and its recorded sha256 did not match the file."""
+    downloader = Downloader(tmp_path, timeout_s=2, retries=0, workers=2)
+    rows = [(1, f"{server}/red/pic.jpg"), (2, f"{server}/blue/pic.jpg")]
+    outcomes = {o.sample_id: o for o in downloader.fetch_all(rows, progress=False)}
+    assert outcomes[1].status == outcomes[2].status == "ok"
+    assert outcomes[1].path != outcomes[2].path
+    for outcome in outcomes.values():  # each file still holds what its own URL served
+        assert file_sha256(Path(outcome.path)) == outcome.sha256
+    assert outcomes[1].sha256 != outcomes[2].sha256
+    again = {o.sample_id: o for o in downloader.fetch_all(rows, progress=False)}
+    assert again[1].status == "cached" and again[2].sha256 == outcomes[2].sha256
+
+
+def test_redirects_only_to_http(server: str, tmp_path: Path) -> None:
+    downloader = Downloader(tmp_path, timeout_s=2, retries=0, workers=2)
+    rows = [(1, f"{server}/img/to-ftp.jpg"), (2, f"{server}/img/to-http.jpg")]
+    outcomes = {o.sample_id: o for o in downloader.fetch_all(rows, progress=False)}
+    assert outcomes[1].status == "invalid_url" and "ftp://" in outcomes[1].error
+    assert outcomes[2].status == "ok"

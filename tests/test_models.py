@@ -18,6 +18,7 @@ from features.ingest import IngestError
 from features.registry import builders_for
 from features.target_encoding import encode_column
 from featurestore.config import Config
+from featurestore.errors import StaleTable
 from featurestore.sparse import sparse_width
 from featurestore.store import FeatureStore
 from models.base import Inputs
@@ -229,6 +230,26 @@ def test_predict_refuses_training_ids(stacked, tmp_path: Path) -> None:
     pl.read_parquet(config.data.train).head(3).drop("price").write_parquet(rows)
     with pytest.raises(IngestError, match="sample_id"):
         predict_file(config, store, rows, tmp_path / "x.csv", progress=False)
+    assert not prediction_store_dir(store, rows).exists()  # audit case: rejected inputs piled up stores
+
+
+def test_predict_refuses_a_stack_whose_inputs_changed(stacked, tmp_path: Path) -> None:
+    """Audit case: `predict` after the train file changed silently mixed the old models with the new rows
+    (36.35 -> 44.81 SMAPE on the same input, no warning)."""
+    config, store, _ = stacked
+    train_path = Path(config.data.train)
+    original = train_path.read_bytes()
+    try:
+        pl.read_parquet(train_path).with_columns(pl.col("price") * 3).write_parquet(train_path)
+        with pytest.raises(StaleTable, match="'items': its input files changed"):
+            predict_file(config, store, Path(config.data.test), tmp_path / "x.csv", progress=False)
+    finally:
+        train_path.write_bytes(original)
+    retuned = copy.deepcopy(config)
+    retuned.stacking.seed += 1
+    with pytest.raises(StaleTable, match="tuned on other"):
+        predict_file(retuned, store, Path(config.data.test), tmp_path / "x.csv", progress=False)
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_cli_stack_predict_report(stacked, tmp_path: Path) -> None:
@@ -256,6 +277,9 @@ def test_cli_stack_predict_report(stacked, tmp_path: Path) -> None:
     assert "stack" in stacked_out and "mean blend" in stacked_out
     cli("predict", *common, "--input", config.data.test, "--out", str(tmp_path / "p.csv"), "-q")
     assert pl.read_csv(tmp_path / "p.csv").height == 20
+    # Audit case: `--out x.parquet` wrote CSV into it.
+    cli("predict", *common, "--input", config.data.test, "--out", str(tmp_path / "p.parquet"), "-q")
+    assert pl.read_parquet(tmp_path / "p.parquet").equals(pl.read_csv(tmp_path / "p.csv"))
     report = cli("report", *common).stdout
     page = (tmp_path / "s" / "report.html").read_text()
     assert "report.html" in report and page.count("data:image/png;base64") >= 4 and "SMAPE by true-price band" in page

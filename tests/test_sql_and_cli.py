@@ -63,7 +63,7 @@ def test_sql_is_read_only(built_store: Path, tmp_path: Path, query: str) -> None
         run_query(store, query.format(out=out))
     assert not out.exists()
     result = _cli("sql", query.format(out=out), "--store", str(built_store))
-    assert result.returncode == 2 and "read-only" in result.stderr
+    assert result.returncode == 1 and "read-only" in result.stderr
     assert run_query(store, "SELECT count(*) AS n FROM catalog")["n"].item() == 50
 
 
@@ -71,7 +71,7 @@ def test_cli_reports_bad_input_clearly(tmp_path: Path, real_train: pl.DataFrame)
     bad = tmp_path / "bad.parquet"
     real_train.head(5).with_columns(price=pl.lit(float("nan"))).write_parquet(bad)
     result = _cli("ingest", "--train", str(bad), "--test", "", "--store", str(tmp_path / "s"))
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "bad.parquet, row 1, column 'price'" in result.stderr
     assert not (tmp_path / "s" / "tables" / "items.parquet").exists()
 
@@ -121,15 +121,15 @@ def test_sql_reaches_only_the_store_tables(built_store: Path, query: str) -> Non
     with pytest.raises(Exception, match="(?i)permission|disabled|does not exist"):
         run_query(FeatureStore(built_store), query.format(store=built_store))
     result = _cli("sql", query.format(store=built_store), "--store", str(built_store))
-    assert result.returncode == 2 and "root:" not in result.stdout
+    assert result.returncode == 1 and "root:" not in result.stdout
 
 
 def test_sql_out_refuses_to_overwrite(built_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "rows.csv"
     out.write_text("keep me\n")
     result = _cli("sql", "SELECT * FROM items", "--store", str(built_store), "--out", str(out))
-    assert result.returncode == 2 and "--force" in result.stderr and out.read_text() == "keep me\n"
+    assert result.returncode == 1 and "--force" in result.stderr and out.read_text() == "keep me\n"
     result = _cli("sql", "SELECT * FROM items", "--store", str(built_store), "--out", str(out), "--force")
     assert result.returncode == 0 and pl.read_csv(out).height == 50
     result = _cli("sql", "SELECT 1", "--store", str(built_store), "--out", str(tmp_path / "nope" / "x.parquet"))
-    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert result.returncode == 1 and "does not exist" in result.stderr
