@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from featurestore.errors import StoreNotFound
+from featurestore.errors import StoreBusy, StoreNotFound
 from featurestore.lock import database_lock
 
 MANIFEST_DDL = """
@@ -105,6 +106,9 @@ def atomic_write_parquet(df: pl.DataFrame, path: Path, metadata: dict[str, str] 
     atomic_write(path, lambda tmp: df.write_parquet(tmp, compression="zstd", metadata=metadata))
 
 
+# How long a connection waits for a process outside this tool that holds features.duckdb open.
+LOCK_WAIT_S = 60.0
+
 # Key in each table file's Parquet footer: the fingerprint it was written under. The manifest row is committed
 # after the file's rename, so a crash between the two leaves a file whose footer disagrees with the manifest;
 # `is_fresh` sees that and the table is rebuilt instead of trusted.
@@ -161,11 +165,28 @@ class FeatureStore:
         # The database lock makes a reader wait for a writing connection (and the other way round) instead of
         # failing on DuckDB's own file lock.
         with database_lock(self.root, exclusive=not read_only):
-            con = duckdb.connect(str(self.db_path), read_only=read_only)
+            con = self._open(read_only)
             try:
                 yield con
             finally:
                 con.close()
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """A process outside this tool (the plain `duckdb` client) may hold the file open: wait for it a while,
+        then say who holds it, instead of DuckDB's raw lock error mid-build."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                return duckdb.connect(str(self.db_path), read_only=read_only)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise
+                if time.monotonic() > deadline:
+                    found = re.search(r"held in (.*?\(PID \d+\))", str(exc))
+                    holder = found.group(1) if found else "another process"
+                    raise StoreBusy(f"{self.db_path} is held open by {holder}; close it (a `duckdb` shell?) and "
+                                    "rerun") from None
+                time.sleep(0.2)
 
     def _views_elsewhere(self) -> bool:
         """True when a view reads a Parquet file outside this store's folder: the store was copied or moved."""

@@ -98,6 +98,26 @@ def test_a_reader_waits_for_a_writing_connection_instead_of_breaking_it(small_co
     assert writer.returncode == 0
 
 
+def test_an_outside_duckdb_client_makes_a_writer_wait_then_fail_clearly(small_config: Config, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    import featurestore.store as store_module
+
+    store = FeatureStore(small_config.store.dir)
+    marker = tmp_path / "open"
+    client = _hold(f"""
+        import duckdb
+        con = duckdb.connect({str(store.db_path)!r}, read_only=True)
+        Path({str(marker)!r}).touch()
+        time.sleep(2.5)
+    """, marker)
+    monkeypatch.setattr(store_module, "LOCK_WAIT_S", 0.5)
+    with pytest.raises(StoreBusy, match=rf"held open by .*PID {client.pid}"):
+        _build(small_config, store, ["items"])
+    monkeypatch.setattr(store_module, "LOCK_WAIT_S", 30.0)
+    assert _build(small_config, store, ["items"])["items"] == "built"  # waits for the client to close
+    client.wait()
+
+
 # -- staleness ------------------------------------------------------------------------------------------------
 
 def test_a_changed_train_file_makes_its_tables_stale_until_rebuilt(small_config: Config) -> None:
