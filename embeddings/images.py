@@ -117,14 +117,22 @@ def load_image(path: str | None, max_bytes: int, max_pixels: int) -> tuple[Any, 
         return None, f"{type(exc).__name__}: {exc}"
 
 
+RANDOM_INIT_SEED = 0
+
+
 def load_clip(config: Config) -> tuple[Any, Any, str]:
     import open_clip
+    import torch
 
     icfg = config.images
     device = resolve_device(icfg.device)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        icfg.model, pretrained=icfg.pretrained or None, device=device
-    )
+    # Random weights (no pretrained tag) come from torch's global generator: seeded, or two builds of the
+    # same store got different "image features" and everything downstream of them differed too.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            icfg.model, pretrained=icfg.pretrained or None, device=device
+        )
     model.eval()
     return model, preprocess, device
 
@@ -140,7 +148,8 @@ class ImageEmbeddingBuilder(FeatureBuilder):
 
     def params(self) -> dict[str, Any]:
         i = self.config.images
-        return {"model": i.model, "pretrained": i.pretrained or "none (random init)", "max_pixels": i.max_pixels,
+        return {"model": i.model, "pretrained": i.pretrained or f"none (random init, seed {RANDOM_INIT_SEED})",
+                "max_pixels": i.max_pixels,
                 "max_file_bytes": i.max_file_bytes}
 
     def build(self, ctx: BuildContext) -> pl.DataFrame:
