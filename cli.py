@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import click
 import typer
 
-from features.base import BuildContext, run_builders
+from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config, load_config
 from featurestore.errors import UserError
 from featurestore.lock import writer_lock
@@ -74,7 +74,7 @@ def _writing(config_path: Path | None, overrides: dict[str, Any], quiet: bool, c
 
 
 def _run(config: Config, store: FeatureStore, names: list[str] | None, force: bool, quiet: bool) -> None:
-    from features.registry import builders_for
+    from pipeline.registry import builders_for
 
     builders = builders_for(config, names)
     results = run_builders(BuildContext(store=store, config=config, progress=not quiet), builders, force=force)
@@ -208,7 +208,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Cross-fit base learners into oof__<learner> tables (each skipped when up to date)."""
-    from models.train import train_learners
+    from pipeline.run import train_learners
 
     with _writing(config, {"store.dir": store}, quiet, "train") as (cfg, fs):
         if not (learner or cfg.models.learners):
@@ -227,12 +227,13 @@ def stack(
     quiet: QuietOpt = False,
 ) -> None:
     """Train stale base learners, tune the meta-learner with Optuna, write predictions + submission.csv."""
-    from stacking.stack import check_stack_settings, run_stack
+    from pipeline.run import train_and_stack
+    from stacking.stack import check_stack_settings
 
     overrides = {"store.dir": store, "stacking.trials": trials}
     check_stack_settings(_config(config, overrides, quiet))  # before any store is made or locked
     with _writing(config, overrides, quiet, "stack") as (cfg, fs):
-        record = run_stack(fs, cfg, cfg.stacking.trials, progress=not quiet)
+        record = train_and_stack(cfg, fs, cfg.stacking.trials, progress=not quiet)
     _stack_summary(record)
     typer.echo(f"submission: {record.get('submission', '(no test rows)')}\nrun record: {record['run_record']}")
 
@@ -247,7 +248,7 @@ def predict(
     quiet: QuietOpt = False,
 ) -> None:
     """Price new rows: same feature builders, stored fold models and stored meta-learner."""
-    from stacking.predict import predict_file
+    from pipeline.predict import predict_file
 
     if not input.is_file():
         raise UserError(f"--input {input}: file not found")

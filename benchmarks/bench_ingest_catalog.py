@@ -40,10 +40,10 @@ def make_amazon_75k(shared: Path, out: Path) -> tuple[Path, Path]:
 
 
 def worker(config_path: str | None, overrides: dict) -> dict:
-    from features.base import BuildContext, run_builders
-    from features.registry import builders_for
+    from featurestore.builders import BuildContext, run_builders
     from featurestore.config import load_config
     from featurestore.store import FeatureStore
+    from pipeline.registry import builders_for
 
     config = load_config(config_path, overrides)
     store = FeatureStore(config.store.dir)

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 
-from features.ingest import file_sha256
+from featurestore.store import file_sha256
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._+\-]")
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}

@@ -20,7 +20,7 @@ import polars as pl
 from embeddings.devices import resolve_device
 from embeddings.download import Downloader, FetchOutcome, resolve_local
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
-from features.base import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, FeatureBuilder
 from featurestore.config import Config
 
 IMAGE_FILES_SCHEMA = {

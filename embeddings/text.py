@@ -15,7 +15,7 @@ import polars as pl
 from embeddings.devices import resolve_device
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from embeddings.text_models import resolve_text_model, table_name
-from features.base import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, FeatureBuilder
 from featurestore.config import Config
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import polars as pl
 from tqdm import tqdm
 
-from features.base import BuildContext, FeatureBuilder
 from features.units import canonical_unit, unit_factor, unit_kind
+from featurestore.builders import BuildContext, FeatureBuilder
 from featurestore.config import Config
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from features.base import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, FeatureBuilder
 from featurestore.config import Config
 
 

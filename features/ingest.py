@@ -7,7 +7,6 @@ nothing is written, so a bad file never leaves a half-ingested store behind.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,10 @@ from typing import Any
 
 import polars as pl
 
-from features.base import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, FeatureBuilder
 from featurestore.config import ColumnsConfig, Config, ValidationConfig
 from featurestore.errors import UserError
+from featurestore.store import file_sha256
 
 MAX_REPORTED_PROBLEMS = 25
 
@@ -104,14 +104,6 @@ def _csv_structure_problem(name: str, text: str, separator: str, exc: Exception)
     except csv.Error as err:
         return Problem(name, reader.line_num - 1, None, f"not a readable CSV row: {err}")
     return Problem(name, None, None, f"not a readable CSV: {str(exc).splitlines()[0]}")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_columns(df: pl.DataFrame, name: str, cols: ColumnsConfig, labelled: bool) -> list[Problem]:

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import polars as pl
 
-from features.base import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, FeatureBuilder
 from featurestore.config import Config
 from featurestore.folds import fold_plan
 

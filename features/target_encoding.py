@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from features.base import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, FeatureBuilder
 from featurestore.config import Config
 from featurestore.folds import fold_plan
 

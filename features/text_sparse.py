@@ -24,9 +24,9 @@ import polars as pl
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from features.base import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, FeatureBuilder
 from featurestore.config import Config, SparseFieldConfig
-from featurestore.sparse import csr_to_frame
+from featurestore.sparse import COLUMN_NAMES_KEY, csr_to_frame
 from featurestore.store import FeatureStore, atomic_write_text
 
 TABLE = "text_sparse"
@@ -122,18 +122,6 @@ def block_name(spec: SparseFieldConfig) -> str:
     return "+".join(c.partition(".")[2] for c in spec.columns) + f":{spec.analyzer}"
 
 
-def sparse_terms(store: FeatureStore, table: str) -> list[str]:
-    """Column names "<block>=<term>" of a sparse table, for importance reports."""
-    info = store.info(table)
-    assert info is not None
-    payload = json.loads((store.root / info.extra["vocabulary"]).read_text())
-    names: list[str] = []
-    for block in payload["fields"]:
-        fitted = FittedField.from_json(block, payload["sublinear_tf"])
-        names += [f"{block_name(fitted.spec)}={t}" for t in fitted.terms]
-    return names
-
-
 class TextSparseBuilder(FeatureBuilder):
     table = TABLE
     version = "1"
@@ -183,7 +171,9 @@ class TextSparseBuilder(FeatureBuilder):
         for spec, block in zip(cfg.fields, blocks, strict=True):
             offsets.append({"block": block_name(spec), "offset": start, "size": block.shape[1]})
             start += block.shape[1]
-        payload = {"sublinear_tf": cfg.sublinear_tf, "fields": [f.to_json() for f in fitted], "blocks": offsets}
+        names = [f"{block_name(f.spec)}={term}" for f in fitted for term in f.terms]
+        payload = {"sublinear_tf": cfg.sublinear_tf, "fields": [f.to_json() for f in fitted], "blocks": offsets,
+                   COLUMN_NAMES_KEY: names}
         path = vocabulary_path(ctx.store, ctx.fingerprint)
         atomic_write_text(path, json.dumps(payload))
         self._extra = {"n_features": int(matrix.shape[1]), "nnz": int(matrix.nnz), "blocks": offsets,

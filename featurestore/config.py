@@ -278,7 +278,7 @@ class Config:
     text_sparse: TextSparseConfig = field(default_factory=lambda: TextSparseConfig(default_sparse_fields()))
     models: ModelsConfig = field(default_factory=ModelsConfig)
     stacking: StackingConfig = field(default_factory=StackingConfig)
-    # Which feature builders `build-features` runs, in order (names from features.registry).
+    # Which feature builders `build-features` runs, in order (names from pipeline.registry).
     builders: list[str] = field(
         default_factory=lambda: ["items", "folds", "catalog", "target_enc", "text_sparse", "text_emb",
                                  "image_files", "image_emb", "knn"]

@@ -6,6 +6,8 @@ stays proportional to the non-zeros: a sparse table is never densified.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -14,6 +16,21 @@ import scipy.sparse as sp
 from featurestore.store import FeatureStore
 
 SPARSE_COLUMNS = ("indices", "values")
+# A sparse table's manifest extras may name a JSON file (`vocabulary`, relative to the store) whose
+# COLUMN_NAMES_KEY lists a readable name per column, for importance reports.
+COLUMN_NAMES_KEY = "column_names"
+
+
+def sparse_column_names(store: FeatureStore, table: str) -> list[str]:
+    """Readable column names of a sparse table ("name:word=leather"), or "<table>[i]" when it keeps none."""
+    info = store.info(table)
+    if info is None:
+        raise FileNotFoundError(f"sparse table {table} is not in the store at {store.root}; run build-features")
+    if "vocabulary" in info.extra:
+        payload = json.loads((store.root / info.extra["vocabulary"]).read_text())
+        if COLUMN_NAMES_KEY in payload:
+            return list(payload[COLUMN_NAMES_KEY])
+    return [f"{table}[{i}]" for i in range(sparse_width(store, table))]
 
 
 def is_sparse_table(store: FeatureStore, table: str) -> bool:

@@ -6,6 +6,7 @@ so a crash never leaves a half-written table visible; the manifest row is update
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -85,6 +86,15 @@ def _create_view(con: duckdb.DuckDBPyConnection, name: str, path: Path) -> None:
     casts = array_casts(pl.read_parquet_schema(path))
     replace = f" REPLACE ({', '.join(casts)})" if casts else ""
     con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS SELECT *{replace} FROM read_parquet({literal})")
+
+
+def file_sha256(path: Path) -> str:
+    """The one file hash: raw input files, downloaded images, model weights."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

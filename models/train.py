@@ -23,10 +23,10 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from features.base import BuildContext, BuildResult, FeatureBuilder, run_builders
+from featurestore.builders import BuildContext, FeatureBuilder
 from featurestore.config import Config
 from featurestore.folds import fold_plan
-from featurestore.sparse import sparse_width
+from featurestore.sparse import sparse_column_names, sparse_width
 from featurestore.store import FeatureStore, Timer
 from models.base import BaseLearner, Inputs, learner_settings, threads
 from models.matrix import MatrixSpec, cap_sparse_columns, feature_inputs, fit_spec, load_frame, split_tables
@@ -205,9 +205,7 @@ class LearnerBuilder(FeatureBuilder):
 
 def _readable(store: FeatureStore, top: list[tuple[str, float]], spec: MatrixSpec) -> list[tuple[str, float]]:
     """Sparse feature names "text_sparse[123]" -> "text_sparse:name:word=leather" for the manifest."""
-    from features.text_sparse import sparse_terms
-
-    terms = {table: sparse_terms(store, table) for table in spec.sparse}
+    terms = {table: sparse_column_names(store, table) for table in spec.sparse}
     out = []
     for name, gain in top:
         table, _, rest = name.partition("[")
@@ -243,13 +241,3 @@ def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, 
 def learner_builders(config: Config, names: list[str] | None = None) -> list[LearnerBuilder]:
     return [LearnerBuilder(config, name) for name in (names or config.models.learners)]
 
-
-def train_learners(config: Config, store: FeatureStore, names: list[str] | None = None, force: bool = False,
-                   progress: bool = True) -> list[BuildResult]:
-    """Cross-fit the learners whose `oof__` table is stale, after checking that the feature tables they read
-    still match their inputs (a re-ingested train file must not meet the old folds and encodings)."""
-    from features.registry import require_fresh
-
-    builders = learner_builders(config, names)
-    require_fresh(config, store, {table for b in builders for table in b.inputs})
-    return run_builders(BuildContext(store, config, progress=progress), builders, force=force)

@@ -40,6 +40,7 @@ import numpy as np
 import optuna
 import polars as pl
 
+from featurestore.builders import BuildResult
 from featurestore.config import Config, ConfigError
 from featurestore.errors import UserError
 from featurestore.fingerprint import code_hash
@@ -405,14 +406,13 @@ def check_stack_settings(config: Config) -> None:
         raise ConfigError(f"stacking.trials (--trials) is {config.stacking.trials}; expected at least 1")
 
 
-def run_stack(store: FeatureStore, config: Config, trials: int, progress: bool = True) -> dict[str, Any]:
-    """Train stale base learners, run the studies, write stack_oof, predictions, submission.csv and a run record."""
-    from models.train import train_learners
-
+def run_stack(store: FeatureStore, config: Config, trials: int, built: list[BuildResult],
+              train_seconds: float = 0.0) -> dict[str, Any]:
+    """Run the studies over the trained learners' OOF tables (`built`: how each was trained, for the record);
+    write stack_oof, predictions, submission.csv and a run record."""
     check_stack_settings(config)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with Timer() as total:
-        built = train_learners(config, store, progress=progress)
         learners = list(config.models.learners)
         frame = meta_frame(store, learners, config.stacking.raw_features)
         inputs = stack_inputs(frame, learners, config.stacking.raw_features)
@@ -422,7 +422,7 @@ def run_stack(store: FeatureStore, config: Config, trials: int, progress: bool =
     peak_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     record = {**result.record, "study_key": key, "stack_seconds": round(timer.seconds, 2),
-              "total_seconds": round(total.seconds, 2), "peak_rss_mib": round(peak_kib / 1024, 1),
+              "total_seconds": round(train_seconds + total.seconds, 2), "peak_rss_mib": round(peak_kib / 1024, 1),
               "workers": threads(config),
               "base_learners": {b.table: {"status": b.status, "seconds": round(b.seconds, 2),
                                           "fold_smape": store.info(b.table).extra.get("fold_smape")}  # type: ignore[union-attr]

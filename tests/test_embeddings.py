@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from features.base import BuildContext, run_builders
-from features.registry import builders_for
+from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
 from featurestore.store import FeatureStore
+from pipeline.registry import builders_for
 from tests.conftest import SAMPLE, make_config
 
 

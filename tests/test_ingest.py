@@ -7,8 +7,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from features.base import BuildContext, run_builders
 from features.ingest import IngestError, ItemsBuilder, load_items, read_raw
+from featurestore.builders import BuildContext, run_builders
 from featurestore.config import load_config
 from featurestore.store import FeatureStore
 from tests.conftest import SHARED, make_config

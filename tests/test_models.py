@@ -13,10 +13,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.base import BuildContext, run_builders
 from features.ingest import IngestError
-from features.registry import builders_for
 from features.target_encoding import encode_column
+from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
 from featurestore.errors import StaleTable
 from featurestore.sparse import sparse_width
@@ -26,8 +25,10 @@ from models.matrix import MatrixSpec, feature_inputs, fit_spec, load_frame, spli
 from models.metrics import smape
 from models.registry import LEARNERS, learner_class
 from models.train import cross_fit, make_learner, predict_saved
-from stacking.predict import predict_file, prediction_store_dir
-from stacking.stack import StackInputs, journal_storage, meta_frame, run_levels, run_stack, stack_inputs
+from pipeline.predict import predict_file, prediction_store_dir
+from pipeline.registry import builders_for
+from pipeline.run import train_and_stack
+from stacking.stack import StackInputs, journal_storage, meta_frame, run_levels, stack_inputs
 from tests.conftest import ROOT, make_config
 
 FAST = {
@@ -65,7 +66,7 @@ def stacked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, FeatureSt
     config = fast_config(tmp, pl.read_parquet(sample / "train.parquet").head(80),
                          pl.read_parquet(sample / "test.parquet").head(20))
     store = build(config)
-    record = run_stack(store, config, trials=4, progress=False)
+    record = train_and_stack(config, store, trials=4, progress=False)
     return config, store, record
 
 
@@ -195,7 +196,7 @@ def test_same_seed_gives_identical_predictions(stacked, tmp_path: Path) -> None:
     config, store, _ = stacked
     again = fast_config(tmp_path, pl.read_parquet(config.data.train), pl.read_parquet(config.data.test))
     store2 = build(again)
-    run_stack(store2, again, trials=4, progress=False)
+    train_and_stack(again, store2, trials=4, progress=False)
     for table in [*(f"oof__{n}" for n in config.models.learners), "text_sparse", "stack_oof", "predictions"]:
         assert store.read(table).equals(store2.read(table)), table
 
@@ -325,11 +326,11 @@ def test_interrupted_stack_resumes_to_identical_results(stacked, tmp_path: Path,
 
 def test_stack_retrains_only_stale_learners(stacked) -> None:
     config, store, _ = stacked
-    record = run_stack(store, config, trials=4, progress=False)
+    record = train_and_stack(config, store, trials=4, progress=False)
     assert {b["status"] for b in record["base_learners"].values()} == {"reused"}
     stale = copy.deepcopy(config)
     stale.models.lgbm.learning_rate = 0.2
-    record = run_stack(store, stale, trials=4, progress=False)
+    record = train_and_stack(stale, store, trials=4, progress=False)
     statuses = {table: b["status"] for table, b in record["base_learners"].items()}
     assert statuses == {f"oof__{n}": "built" if n == "lgbm" else "reused" for n in config.models.learners}
-    run_stack(store, config, trials=4, progress=False)  # back to the module's settings for the other tests
+    train_and_stack(config, store, trials=4, progress=False)  # back to the module's settings for the other tests

@@ -17,12 +17,12 @@ import duckdb
 import polars as pl
 import pytest
 
-from features.base import BuildContext, run_builders
-from features.registry import builders_for, require_fresh
+from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
 from featurestore.errors import StaleTable, StoreBusy, UserError
 from featurestore.lock import writer_lock
 from featurestore.store import FeatureStore
+from pipeline.registry import builders_for, require_fresh
 from tests.conftest import ROOT, SAMPLE
 
 

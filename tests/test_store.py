@@ -14,10 +14,10 @@ import duckdb
 import polars as pl
 import pytest
 
-from features.base import BuildContext, run_builders
-from features.registry import builders_for
+from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
 from featurestore.store import FeatureStore
+from pipeline.registry import builders_for
 from tests.conftest import ROOT
 
 
@@ -117,8 +117,8 @@ def test_killed_build_leaves_previous_table_intact(small_config: Config, store: 
         sys.path.insert(0, {str(ROOT)!r})
         import featurestore.store as fs
         from featurestore.config import load_config
-        from features.base import BuildContext, run_builders
-        from features.registry import builders_for
+        from featurestore.builders import BuildContext, run_builders
+        from pipeline.registry import builders_for
 
         def stall(src, dst):
             open({str(marker)!r}, "w").close()

@@ -13,15 +13,15 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from features.base import BuildContext, run_builders
-from features.registry import builders_for
 from features.target_encoding import encode_column
 from features.text_sparse import TextSparseBuilder
+from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
 from featurestore.sparse import csr_to_frame, frame_to_csr, read_sparse
 from featurestore.store import FeatureStore
 from models.base import Inputs
 from models.registry import learner_class
+from pipeline.registry import builders_for
 from tests.conftest import ROOT, make_config
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-from features.base import FeatureBuilder, stale_tables
 from features.catalog import CatalogBuilder
 from features.folds import FoldsBuilder
 from features.ingest import ItemsBuilder
 from features.target_encoding import TargetEncodingBuilder
 from features.text_sparse import TextSparseBuilder
+from featurestore.builders import FeatureBuilder, stale_tables
 from featurestore.config import Config
 from featurestore.errors import StaleTable
 from featurestore.store import FeatureStore

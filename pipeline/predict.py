@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from features.base import BuildContext, run_builders
-from features.ingest import file_sha256
-from features.registry import builders_for, config_as_built, require_fresh
+from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
 from featurestore.errors import StaleTable
-from featurestore.store import FeatureStore, Timer
+from featurestore.store import FeatureStore, Timer, file_sha256
 from models.matrix import MatrixSpec
 from models.train import SPEC_FILE, learner_builders, predict_saved
+from pipeline.registry import builders_for, config_as_built, require_fresh
 from stacking.stack import load_meta, meta_frame, stack_key, write_submission
 
 
