@@ -246,6 +246,11 @@ class ModelsConfig:
         tables=[*GBDT_TABLES, "text_sparse"], learning_rate=0.1, early_stopping_rounds=50, max_sparse_columns=20_000,
         params={"num_leaves": 63, "feature_fraction": 0.5, "min_data_in_leaf": 10}))
     mlp_sparse: MlpConfig = field(default_factory=sparse_mlp_config)
+    # Modules (import paths) of learners kept outside models/, each with an @register'ed class; their
+    # `[models.<name>]` sections are validated against the class's `settings_type` when the learner is used.
+    plugins: list[str] = field(default_factory=list)
+    # The raw `[models.<name>]` sections of plug-in learners (filled from the file; not written in TOML as such).
+    plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"sections": True})
 
 
 @dataclass
@@ -287,7 +292,11 @@ class Config:
 
 def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
     known = {f.name: f for f in dataclasses.fields(obj)}
+    sections = next((f.name for f in known.values() if f.metadata.get("sections")), None)
     for key, value in values.items():
+        if key not in known and sections is not None and isinstance(value, dict):
+            getattr(obj, sections)[key] = value  # a plug-in's section, checked against its settings_type on use
+            continue
         if key not in known:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
         meta = known[key].metadata
@@ -310,6 +319,12 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
                 f"{where}.{key}: expected {expected.__name__}, got {type(value).__name__} ({value!r})"
             )
         setattr(obj, key, value)
+
+
+def apply_settings(obj: Any, values: dict[str, Any], where: str) -> Any:
+    """Validate `values` into the settings dataclass `obj` (unknown keys, types, choices), as at load."""
+    _apply(obj, values, where)
+    return obj
 
 
 def _items(cls: type, value: Any, where: str) -> list[Any]:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from featurestore.config import Config
+from featurestore.config import Config, apply_settings
 
 OBJECTIVES = ("huber", "l1", "l2")
 
@@ -57,6 +57,9 @@ class BaseLearner(ABC):
     reads_sparse: ClassVar[bool] = False
     # Learners that early-stop get a watch slice of the fold's training rows; the others train on all of them.
     uses_early_stopping: ClassVar[bool] = True
+    # A plug-in learner's settings dataclass (its `[models.<name>]` section is validated into one; it needs a
+    # `tables` list). Built-in learners' settings are the config's own sections.
+    settings_type: ClassVar[type | None] = None
 
     def __init__(self, settings: Any, seed: int, threads: int, feature_names: list[str],
                  categorical: list[int]) -> None:
@@ -161,8 +164,12 @@ def register(cls: type[BaseLearner]) -> type[BaseLearner]:
 
 
 def learner_settings(config: Config, name: str) -> Any:
-    """The `[models.<name>]` section, the one place settings are looked up."""
+    """The `[models.<name>]` section, the one place settings are looked up: a built-in section of the config,
+    or a plug-in's raw section validated into its class's `settings_type`."""
     settings = getattr(config.models, name, None)
+    if settings is None and name in LEARNERS and LEARNERS[name].settings_type is not None:
+        raw = config.models.plugin_settings.get(name, {})
+        settings = apply_settings(LEARNERS[name].settings_type(), raw, f"models.{name}")  # type: ignore[misc]
     if settings is None or not hasattr(settings, "tables"):
         raise ValueError(f"learner {name!r} has no [models.{name}] section in the config; add one with its `tables`")
     return settings

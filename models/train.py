@@ -31,7 +31,7 @@ from featurestore.store import FeatureStore, Timer
 from models.base import BaseLearner, Inputs, learner_settings, threads
 from models.matrix import MatrixSpec, cap_sparse_columns, feature_inputs, fit_spec, load_frame, split_tables
 from models.metrics import smape, to_price, to_target
-from models.registry import learner_class, learner_tables
+from models.registry import learner_class, learner_tables, load_plugins
 
 log = logging.getLogger(__name__)
 
@@ -239,5 +239,6 @@ def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, 
 
 
 def learner_builders(config: Config, names: list[str] | None = None) -> list[LearnerBuilder]:
+    load_plugins(config)
     return [LearnerBuilder(config, name) for name in (names or config.models.learners)]
 

@@ -394,8 +394,9 @@ def write_submission(path: Path, ids: np.ndarray, price: np.ndarray, expected_id
 def check_stack_settings(config: Config) -> None:
     """What would otherwise fail only after the base learners trained (minutes to hours): no learners, an
     unknown learner or meta-learner name."""
-    from models.registry import learner_class
+    from models.registry import learner_class, load_plugins
 
+    load_plugins(config)
     if not config.models.learners:
         raise ConfigError("models.learners is empty; name at least one learner, e.g. learners = [\"lgbm\"]")
     for name in config.models.learners:

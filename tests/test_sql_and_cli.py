@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,38 @@ def test_help_everywhere() -> None:
 
 def test_default_toml_matches_code_defaults() -> None:
     assert dataclasses.asdict(load_config(ROOT / "configs" / "default.toml")) == dataclasses.asdict(Config())
+
+
+def _missing_keys(obj: object, toml: dict, where: str) -> list[str]:
+    missing = []
+    for f in dataclasses.fields(obj):
+        path = f"{where}.{f.name}".lstrip(".")
+        if f.metadata.get("sections"):  # filled from other sections' names, not a key of its own
+            continue
+        if f.name not in toml:
+            missing.append(path)
+        elif dataclasses.is_dataclass(getattr(obj, f.name)):
+            missing += _missing_keys(getattr(obj, f.name), toml[f.name], path)
+    return missing
+
+
+def test_every_config_key_is_documented_in_default_toml() -> None:
+    """Not only do the values agree: every key is written out in configs/default.toml, where its comment is."""
+    import tomllib
+
+    toml = tomllib.loads((ROOT / "configs" / "default.toml").read_text())
+    assert _missing_keys(Config(), toml, "") == []
+
+
+@pytest.mark.parametrize("body, needle", [
+    ('[text_embeddings]\nlong_text = "chnk"\n', "text_embeddings.long_text must be one of truncate, chunk; got 'chnk'"),
+    ('[models.lgbm]\nobjective = "hubr"\n', "models.lgbm.objective must be one of huber, l1, l2; got 'hubr'"),
+])
+def test_bad_enum_values_fail_at_load(tmp_path: Path, body: str, needle: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(path)
 
 
 def test_config_rejects_unknown_and_mistyped_keys(tmp_path: Path) -> None:
