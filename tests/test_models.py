@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -251,6 +252,47 @@ def test_predict_refuses_a_stack_whose_inputs_changed(stacked, tmp_path: Path) -
     with pytest.raises(StaleTable, match="tuned on other"):
         predict_file(retuned, store, Path(config.data.test), tmp_path / "x.csv", progress=False)
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_killed_retrain_leaves_predict_on_the_previous_models(stacked, tmp_path: Path) -> None:
+    """SIGKILL a retrain after its first new fold model is saved: the committed `oof__lgbm` row still points at
+    the previous models, which are deleted only a build later, so `predict` works and gives the same prices."""
+    import signal
+    import time
+
+    config, store, _ = stacked
+    before = predict_file(config, store, Path(config.data.test), tmp_path / "before.csv", progress=False)
+    marker = tmp_path / "saved_one_fold"
+    overrides = {**FAST, "data.train": config.data.train, "data.test": config.data.test,
+                 "store.dir": config.store.dir, "models.lgbm.learning_rate": 0.3}
+    script = f"""
+import json, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from featurestore.config import load_config
+from featurestore.store import FeatureStore
+from models.registry import learner_class
+from pipeline.run import train_learners
+
+cls = learner_class("lgbm")
+real = cls._save
+def stalling(self, path):
+    real(self, path)
+    open({str(marker)!r}, "w").close()
+    time.sleep(120)
+cls._save = stalling
+config = load_config(None, json.loads(sys.argv[1]))
+train_learners(config, FeatureStore(config.store.dir), ["lgbm"], progress=False)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(overrides)])
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), "the retrain never saved a fold model"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list((store.root / "models" / "lgbm").iterdir())) == 2  # the committed folder + the torn new one
+    after = predict_file(config, store, Path(config.data.test), tmp_path / "after.csv", progress=False)
+    assert after.equals(before)
 
 
 def test_cli_stack_predict_report(stacked, tmp_path: Path) -> None:

@@ -154,3 +154,25 @@ def test_a_join_that_fans_out_is_an_error(small_config: Config, store: FeatureSt
     store.write("catalog", doubled, builder="test", params=info.params, fingerprint=info.fingerprint, seconds=0.0)
     with pytest.raises(RuntimeError, match="repeated sample_ids"):
         load_frame(store, ["catalog"])
+
+
+def test_code_fingerprints_ignore_comments_and_docstrings(tmp_path: Path) -> None:
+    """Editing a comment re-embedded every text and retrained every learner; now only code changes count."""
+    import importlib.util
+
+    from featurestore.fingerprint import code_hash
+
+    def module(name: str, source: str) -> object:
+        path = tmp_path / f"{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
+
+    base = code_hash((module("a", '"""Doc."""\n\ndef f(x):\n    return x + 1\n'),))
+    commented = code_hash((module("b", '"""Other doc."""\n# why\n\ndef f(x):  # note\n    """Adds."""\n'
+                                       '    return x + 1\n'),))
+    changed = code_hash((module("c", '"""Doc."""\n\ndef f(x):\n    return x + 2\n'),))
+    assert base == commented
+    assert base != changed
