@@ -20,7 +20,7 @@ import polars as pl
 from embeddings.devices import resolve_device
 from embeddings.download import Downloader, FetchOutcome, resolve_local
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
-from featurestore.builders import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 
 IMAGE_FILES_SCHEMA = {
@@ -73,7 +73,7 @@ class ImageFilesBuilder(FeatureBuilder):
         listing = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in folder.iterdir())
         return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
 
-    def build(self, ctx: BuildContext) -> pl.DataFrame:
+    def build(self, ctx: BuildContext) -> Built:
         items = ctx.store.read("items", columns=["sample_id", "image_link"]).sort("sample_id")
         icfg = self.config.images
         folder = image_folder(self.config, ctx.store.root, self.source)
@@ -87,10 +87,8 @@ class ImageFilesBuilder(FeatureBuilder):
         table = outcomes_table(items["sample_id"], outcomes)
         # Files under the store are recorded relative to it, so a copied or moved store reads its own copies.
         root = str(ctx.store.root) + os.sep
-        return table.with_columns(pl.col("path").str.strip_prefix(root))
-
-    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
-        return {"status_counts": dict(table.group_by("status").len().iter_rows())}
+        table = table.with_columns(pl.col("path").str.strip_prefix(root))
+        return Built(table, {"status_counts": dict(table.group_by("status").len().iter_rows())})
 
 
 def load_image(path: str | None, max_bytes: int, max_pixels: int) -> tuple[Any, str | None]:
@@ -152,7 +150,7 @@ class ImageEmbeddingBuilder(FeatureBuilder):
                 "max_pixels": i.max_pixels,
                 "max_file_bytes": i.max_file_bytes}
 
-    def build(self, ctx: BuildContext) -> pl.DataFrame:
+    def build(self, ctx: BuildContext) -> Built:
         import torch
 
         icfg = self.config.images
@@ -160,11 +158,10 @@ class ImageEmbeddingBuilder(FeatureBuilder):
         hashes = ctx.store.read("image_files", columns=["sample_id", "sha256"])
         reused = reusable_rows([ctx.store, ctx.parent], self.table, reuse_key(self, self.params()), hashes,
                                lambda store: store.read("image_files", columns=["sample_id", "sha256"]))
-        self._reused = 0 if reused is None else reused.height
         if reused is not None:
             files = files.join(reused.select("sample_id"), on="sample_id", how="anti")
             if files.is_empty():
-                return reused.sort("sample_id")
+                return self._built(reused.sort("sample_id"), reused.height)
         model, preprocess, device = load_clip(self.config)
         dim = int(model.visual.output_dim)
 
@@ -195,9 +192,9 @@ class ImageEmbeddingBuilder(FeatureBuilder):
         table = run_in_parts(files, icfg.batch_size * 8, scratch, process, self.table, ctx.progress)
         if reused is not None:
             table = pl.concat([reused.select(table.columns).cast(table.schema), table]).sort("sample_id")
-        return table
+        return self._built(table, 0 if reused is None else reused.height)
 
-    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
-        return {"dim": table.schema["embedding"].size, "images_ok": int(table["image_ok"].sum()),
-                "device": resolve_device(self.config.images.device),
-                "reuse_key": reuse_key(self, self.params()), "rows_reused": getattr(self, "_reused", 0)}
+    def _built(self, table: pl.DataFrame, rows_reused: int) -> Built:
+        return Built(table, {"dim": table.schema["embedding"].size, "images_ok": int(table["image_ok"].sum()),
+                             "device": resolve_device(self.config.images.device),
+                             "reuse_key": reuse_key(self, self.params()), "rows_reused": rows_reused})

@@ -15,7 +15,7 @@ import polars as pl
 from embeddings.devices import resolve_device
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from embeddings.text_models import resolve_text_model, table_name
-from featurestore.builders import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 
 
@@ -78,7 +78,7 @@ class TextEmbeddingBuilder(FeatureBuilder):
         return {"model": self.model_name, "max_seq_length": t.max_seq_length, "long_text": t.long_text,
                 "normalized": True}
 
-    def build(self, ctx: BuildContext) -> pl.DataFrame:
+    def build(self, ctx: BuildContext) -> Built:
         tcfg = self.config.text_embeddings
         items = ctx.store.read("items", columns=["sample_id", "text"])
         reused = reusable_rows([ctx.store, ctx.parent], self.table, reuse_key(self, self.params()), items,
@@ -107,12 +107,10 @@ class TextEmbeddingBuilder(FeatureBuilder):
         else:
             assert reused is not None
             table = reused
-        self._reused = 0 if reused is None else reused.height
         out = items.select("sample_id").join(table, on="sample_id", how="left", maintain_order="left")
         if out["embedding"].null_count():
             raise RuntimeError(f"{self.table}: {out['embedding'].null_count()} rows got no embedding")
-        return out
-
-    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
-        return {"dim": table.schema["embedding"].size, "device": resolve_device(self.config.text_embeddings.device),
-                "reuse_key": reuse_key(self, self.params()), "rows_reused": getattr(self, "_reused", 0)}
+        return Built(out, {"dim": out.schema["embedding"].size,
+                           "device": resolve_device(self.config.text_embeddings.device),
+                           "reuse_key": reuse_key(self, self.params()),
+                           "rows_reused": 0 if reused is None else reused.height})

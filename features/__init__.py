@@ -1,1 +1,1 @@
-"""Feature builders: raw rows -> feature tables (items, folds, catalog, embeddings, kNN prices)."""
+"""Tabular feature builders: raw rows -> items, folds, catalog fields, target encodings, sparse text, kNN prices."""

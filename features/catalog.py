@@ -14,7 +14,7 @@ import polars as pl
 from tqdm import tqdm
 
 from features.units import canonical_unit, unit_factor, unit_kind
-from featurestore.builders import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class CatalogBuilder(FeatureBuilder):
             "spacy_model": c.spacy_model if c.use_spacy else None,
         }
 
-    def build(self, ctx: BuildContext) -> pl.DataFrame:
+    def build(self, ctx: BuildContext) -> Built:
         items = ctx.store.read("items")
         cols = self.config.columns
         table = generic_features(items, cols.categorical, cols.numeric)
@@ -243,4 +243,4 @@ class CatalogBuilder(FeatureBuilder):
             table = table.with_columns(brand=pl.coalesce(*brand_sources))
         elif cols.catalog_format != "generic":
             raise ValueError(f"columns.catalog_format = {cols.catalog_format!r}; expected 'amazon' or 'generic'")
-        return table
+        return Built(table)

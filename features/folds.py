@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from featurestore.builders import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 
 
@@ -55,7 +55,7 @@ class FoldsBuilder(FeatureBuilder):
         f = self.config.folds
         return {"k": f.k, "seed": f.seed, "price_bands": f.price_bands, "grouped": bool(self.config.columns.group)}
 
-    def build(self, ctx: BuildContext) -> pl.DataFrame:
+    def build(self, ctx: BuildContext) -> Built:
         train = ctx.store.read("items", columns=["sample_id", "split", "price", "group_id"]).filter(
             pl.col("split") == "train"
         )
@@ -63,7 +63,5 @@ class FoldsBuilder(FeatureBuilder):
         f = self.config.folds
         fold = assign_folds(train["sample_id"].to_numpy(), train["price"].to_numpy(), groups, f.k, f.seed,
                             f.price_bands)
-        return train.select("sample_id").with_columns(pl.Series("fold", fold, dtype=pl.Int32)).sort("sample_id")
-
-    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
-        return {"fold_sizes": table.group_by("fold").len().sort("fold")["len"].to_list()}
+        table = train.select("sample_id").with_columns(pl.Series("fold", fold, dtype=pl.Int32)).sort("sample_id")
+        return Built(table, {"fold_sizes": table.group_by("fold").len().sort("fold")["len"].to_list()})

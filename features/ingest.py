@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from featurestore.builders import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import ColumnsConfig, Config, ValidationConfig
 from featurestore.errors import UserError
 from featurestore.store import file_sha256
@@ -330,5 +330,5 @@ class ItemsBuilder(FeatureBuilder):
             hashes.append(file_sha256(path) if path is not None and path.is_file() else "missing")
         return ":".join(hashes)
 
-    def build(self, ctx: BuildContext) -> pl.DataFrame:
-        return load_items(self.config)
+    def build(self, ctx: BuildContext) -> Built:
+        return Built(load_items(self.config))

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import polars as pl
 
-from featurestore.builders import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.folds import fold_plan
 
@@ -157,7 +157,7 @@ class KnnBuilder(FeatureBuilder):
         return {"space": self.space, "tables": self.tables, "ks": k.ks, "index": k.index,
                 "exclude_duplicates": k.exclude_duplicates}
 
-    def build(self, ctx: BuildContext) -> pl.DataFrame:
+    def build(self, ctx: BuildContext) -> Built:
         items = ctx.store.read("items", columns=["sample_id", "text", "price"]).sort("sample_id")
         frame = items.join(ctx.store.read("folds"), on="sample_id", how="left").with_columns(
             pl.col("fold").fill_null(-1))
@@ -178,4 +178,4 @@ class KnnBuilder(FeatureBuilder):
         columns = knn_features(frame["sample_id"].to_numpy(), vectors, np.log1p(frame["price"].to_numpy()),
                                frame["fold"].to_numpy(), keys, self.config.knn.ks, short_name(self.space),
                                self.config.knn.index)
-        return frame.select("sample_id").with_columns(**{k: pl.Series(v) for k, v in columns.items()})
+        return Built(frame.select("sample_id").with_columns(**{k: pl.Series(v) for k, v in columns.items()}))

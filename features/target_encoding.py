@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from featurestore.builders import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.folds import fold_plan
 
@@ -64,7 +64,7 @@ class TargetEncodingBuilder(FeatureBuilder):
         t = self.config.target_encoding
         return {"columns": t.columns, "smoothing": t.smoothing}
 
-    def build(self, ctx: BuildContext) -> pl.DataFrame:
+    def build(self, ctx: BuildContext) -> Built:
         cfg = self.config.target_encoding
         catalog = ctx.store.read("catalog")
         missing = [c for c in cfg.columns if c not in catalog.columns]
@@ -81,4 +81,4 @@ class TargetEncodingBuilder(FeatureBuilder):
             values = frame[column].cast(pl.String)
             encoded, counts = encode_column(values, log_price, fold, cfg.smoothing)
             out = out.with_columns(pl.Series(f"te_{column}", encoded), pl.Series(f"te_{column}_count", counts))
-        return out
+        return Built(out)

@@ -24,7 +24,7 @@ import polars as pl
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from featurestore.builders import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config, SparseFieldConfig
 from featurestore.sparse import COLUMN_NAMES_KEY, csr_to_frame
 from featurestore.store import FeatureStore, atomic_write_text
@@ -33,7 +33,7 @@ TABLE = "text_sparse"
 
 
 def vocabulary_path(store: FeatureStore, fingerprint: str) -> Path:
-    return store.root / "artifacts" / TABLE / f"{fingerprint}.json"
+    return store.artifacts_dir(TABLE) / f"{fingerprint}.json"
 
 
 def field_sources(fields: list[SparseFieldConfig]) -> list[tuple[str, str]]:
@@ -155,7 +155,7 @@ class TextSparseBuilder(FeatureBuilder):
         return frame.select(pl.concat_str([pl.col(n).fill_null("") for n in names], separator=" ")
                             .str.strip_chars().alias("t"))["t"].to_list()
 
-    def build(self, ctx: BuildContext) -> pl.DataFrame:
+    def build(self, ctx: BuildContext) -> Built:
         cfg = self.config.text_sparse
         if not cfg.fields:
             raise ValueError("text_sparse.fields is empty; configure at least one field or drop the builder")
@@ -176,10 +176,10 @@ class TextSparseBuilder(FeatureBuilder):
                    COLUMN_NAMES_KEY: names}
         path = vocabulary_path(ctx.store, ctx.fingerprint)
         atomic_write_text(path, json.dumps(payload))
-        self._extra = {"n_features": int(matrix.shape[1]), "nnz": int(matrix.nnz), "blocks": offsets,
-                       "vocabulary": str(path.relative_to(ctx.store.root)),
-                       "parent_vocabulary": ctx.parent is not None and self._parent_info(ctx) is not None}
-        return csr_to_frame(ids["sample_id"], matrix)
+        extra = {"n_features": int(matrix.shape[1]), "nnz": int(matrix.nnz), "blocks": offsets,
+                 "vocabulary": str(path.relative_to(ctx.store.root)),
+                 "parent_vocabulary": ctx.parent is not None and self._parent_info(ctx) is not None}
+        return Built(csr_to_frame(ids["sample_id"], matrix), extra)
 
     def _parent_info(self, ctx: BuildContext) -> Any:
         if ctx.parent is None:
@@ -194,6 +194,3 @@ class TextSparseBuilder(FeatureBuilder):
             return None
         payload = json.loads((ctx.parent.root / info.extra["vocabulary"]).read_text())  # type: ignore[union-attr]
         return [FittedField.from_json(block, payload["sublinear_tf"]) for block in payload["fields"]]
-
-    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
-        return self._extra

@@ -30,10 +30,17 @@ class BuildContext:
     progress: bool = True
     # Set by the runner for the build in progress: builders key their resumable scratch files on it.
     fingerprint: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
     # A store whose row-wise tables (embeddings) may be reused for unchanged rows: `predict` derives its store
     # from the training store this way.
     parent: FeatureStore | None = None
+
+
+@dataclass
+class Built:
+    """What a build returns: its table and its manifest extras (what it measured or wrote while building)."""
+
+    table: pl.DataFrame
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class FeatureBuilder(ABC):
@@ -57,10 +64,7 @@ class FeatureBuilder(ABC):
         return ""
 
     @abstractmethod
-    def build(self, ctx: BuildContext) -> pl.DataFrame: ...
-
-    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
-        return {}
+    def build(self, ctx: BuildContext) -> Built: ...
 
     def artifacts_ok(self, store: FeatureStore, fingerprint: str) -> bool:
         """Files a build writes beside its table (saved models); a fresh table without them is rebuilt."""
@@ -167,7 +171,8 @@ def run_builders(ctx: BuildContext, builders: list[FeatureBuilder], force: bool 
             continue
         log.info("%s: building", builder.table)
         with Timer() as timer:
-            table = builder.build(replace(ctx, fingerprint=fingerprint))
+            built = builder.build(replace(ctx, fingerprint=fingerprint))
+        table = built.table
         ctx.store.write(
             builder.table,
             table,
@@ -175,7 +180,7 @@ def run_builders(ctx: BuildContext, builders: list[FeatureBuilder], force: bool 
             params=builder.params(),
             fingerprint=fingerprint,
             seconds=timer.seconds,
-            extra=builder.manifest_extra(ctx, table),
+            extra=built.extra,
             extra_versions=builder.extra_versions,
             inputs=inputs,
         )

@@ -300,6 +300,29 @@ class FeatureStore:
                 if path.is_file():
                     _create_view(con, name, path)
 
+    # -- layout: every folder the store holds besides its tables, named here only ------------------------
+    def models_dir(self, owner: str) -> Path:
+        """Saved models of one learner (`models/<learner>/<fingerprint>/`) or of the stack (`models/stack/`)."""
+        return self.root / "models" / owner
+
+    def artifacts_dir(self, table: str) -> Path:
+        """Files a builder writes beside its table (the sparse text vocabulary)."""
+        return self.root / "artifacts" / table
+
+    @property
+    def runs_dir(self) -> Path:
+        """One JSON run record per `stack`."""
+        return self.root / "runs"
+
+    @property
+    def journal_path(self) -> Path:
+        """The stack study's Optuna journal (scores of finished candidates, for resuming)."""
+        return self.root / "optuna.journal"
+
+    def derived_dir(self, name: str) -> Path:
+        """A store `predict` derives from this one for a file of new rows."""
+        return self.root / "predict" / name
+
     def scratch(self, name: str) -> Path:
         path = self.scratch_dir / name
         path.mkdir(parents=True, exist_ok=True)

@@ -1,2 +1,2 @@
-"""Base learners (LightGBM, XGBoost, CatBoost, MLP) — not built yet (issue 5); the package exists so the
-project layout installs."""
+"""Base learners: the protocol and registry (`base`), the learners (`gbdt`, `mlp`, `linear`), their contract check
+(`contract`), feature matrices from the store's tables (`matrix`) and out-of-fold cross-fitting (`train`)."""

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,10 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from featurestore.builders import BuildContext, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.folds import fold_plan
+from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
 from featurestore.store import FeatureStore, Timer
 from models.base import BaseLearner, Inputs, learner_settings, threads
@@ -103,7 +104,7 @@ def cross_fit(
 
 
 def model_dir_for(store: FeatureStore, learner: str, fingerprint: str) -> Path:
-    return store.root / "models" / learner / fingerprint
+    return store.models_dir(learner) / fingerprint
 
 
 def make_learner(config: Config, name: str, spec: MatrixSpec) -> Callable[[int], BaseLearner]:
@@ -112,6 +113,32 @@ def make_learner(config: Config, name: str, spec: MatrixSpec) -> Callable[[int],
     settings = learner_settings(config, name)
     return lambda k: cls(settings, config.models.seed + k, threads(config), spec.feature_names,
                          spec.categorical_indices)
+
+
+@dataclass
+class TrainedLearner:
+    """A trained learner's manifest record (the extras of `oof__<name>`), typed: the one shape `predict`, the
+    stack and the report read."""
+
+    model_dir: str  # the fold models + matrix spec, relative to the store
+    folds: list[int]
+    fold_smape: dict[str, float]
+    oof_smape: float
+    best_iterations: dict[str, int | None]
+    fold_seconds: dict[str, float]
+    objective: str
+    library_params: dict[str, Any]
+    n_features: int
+    n_sparse_features: int
+    dropped_columns: list[str]
+    importance_top: dict[str, float]
+
+    @classmethod
+    def of(cls, store: FeatureStore, learner: str) -> TrainedLearner:
+        info = store.info(oof_table(learner))
+        if info is None:
+            raise FileNotFoundError(f"no trained '{learner}' in {store.root}; run `python cli.py train` first")
+        return cls(**{f.name: info.extra[f.name] for f in fields(cls)})
 
 
 class LearnerBuilder(FeatureBuilder):
@@ -126,9 +153,8 @@ class LearnerBuilder(FeatureBuilder):
         self.cls = learner_class(name)
         self.settings = learner_settings(config, name)
         self.tables = learner_tables(config, name)
-        self.table = f"oof__{name}"
+        self.table = oof_table(name)
         self.inputs = ("items", "folds", *self.tables)
-        self._extra: dict[str, Any] = {}
 
     def params(self) -> dict[str, Any]:
         m = self.config.models
@@ -149,12 +175,12 @@ class LearnerBuilder(FeatureBuilder):
         """Folders of neither this build nor the committed `oof__` row: a crash mid-retrain must leave the
         models that the committed tables (and `predict`) point at, so those are deleted only a build later."""
         info = store.info(self.table)
-        committed = store.root / info.extra["model_dir"] if info is not None and "model_dir" in info.extra else None
+        committed = store.root / TrainedLearner.of(store, self.name).model_dir if info is not None else None
         for old in keep.parent.glob("*"):
             if old not in (keep, committed):
                 shutil.rmtree(old, ignore_errors=True)
 
-    def build(self, ctx: BuildContext) -> pl.DataFrame:
+    def build(self, ctx: BuildContext) -> Built:
         m = self.config.models
         model_dir = model_dir_for(ctx.store, self.name, ctx.fingerprint)
         self._remove_stale_models(ctx.store, model_dir)
@@ -181,26 +207,24 @@ class LearnerBuilder(FeatureBuilder):
         price_pred = to_price(output, m.target)
         train_rows = fold >= 0
         top = sorted(result.importance.items(), key=lambda kv: -kv[1])[:30]
-        self._extra = {
-            "model_dir": str(model_dir.relative_to(ctx.store.root)),
-            "folds": sorted(result.fold_smape),
-            "fold_smape": result.fold_smape,
-            "oof_smape": round(smape(price[train_rows], price_pred[train_rows]), 4),
-            "best_iterations": result.best_iterations,
-            "fold_seconds": result.seconds,
-            "objective": getattr(self.settings, "objective", "l2"),
-            "library_params": make(0).recorded_params(),
-            "n_features": len(spec.feature_names),
-            "n_sparse_features": sum(spec.sparse.values()),
-            "dropped_columns": spec.dropped,
-            "importance_top": dict(_readable(ctx.store, top, spec)),
-        }
-        log.info("%s: OOF SMAPE %.2f (folds %s)", self.table, self._extra["oof_smape"], result.fold_smape)
-        return frame.select("sample_id", "fold").with_columns(
+        record = TrainedLearner(
+            model_dir=str(model_dir.relative_to(ctx.store.root)),
+            folds=sorted(result.fold_smape),
+            fold_smape=result.fold_smape,
+            oof_smape=round(smape(price[train_rows], price_pred[train_rows]), 4),
+            best_iterations=result.best_iterations,
+            fold_seconds=result.seconds,
+            objective=getattr(self.settings, "objective", "l2"),
+            library_params=make(0).recorded_params(),
+            n_features=len(spec.feature_names),
+            n_sparse_features=sum(spec.sparse.values()),
+            dropped_columns=spec.dropped,
+            importance_top=dict(_readable(ctx.store, top, spec)),
+        )
+        log.info("%s: OOF SMAPE %.2f (folds %s)", self.table, record.oof_smape, result.fold_smape)
+        table = frame.select("sample_id", "fold").with_columns(
             pl.Series("pred", output), pl.Series("pred_log", np.log1p(price_pred)), pl.Series("pred_price", price_pred))
-
-    def manifest_extra(self, ctx: BuildContext, table: pl.DataFrame) -> dict[str, Any]:
-        return self._extra
+        return Built(table, asdict(record))
 
 
 def _readable(store: FeatureStore, top: list[tuple[str, float]], spec: MatrixSpec) -> list[tuple[str, float]]:
@@ -218,14 +242,12 @@ def _readable(store: FeatureStore, top: list[tuple[str, float]], spec: MatrixSpe
 def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, name: str) -> pl.DataFrame:
     """Test-row predictions of the stored fold models of `name` (trained in `models`) on the feature tables of
     `features`: the same matrix code, the same files, the same fold order and averaging as training."""
-    info = models.info(f"oof__{name}")
-    if info is None:
-        raise FileNotFoundError(f"no trained '{name}' in {models.root}; run `python cli.py stack` first")
-    model_dir = models.root / info.extra["model_dir"]
+    trained = TrainedLearner.of(models, name)
+    model_dir = models.root / trained.model_dir
     spec = MatrixSpec.load(model_dir / SPEC_FILE)
     frame = load_frame(features, spec.tables).filter(pl.col("split") == "test")
     x = feature_inputs(features, spec, frame)
-    folds = info.extra["folds"]
+    folds = trained.folds
     make = make_learner(config, name, spec)
     total = np.zeros(frame.height)
     for k in folds:
@@ -233,7 +255,7 @@ def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, 
         learner.load(model_dir / learner.file_pattern.format(fold=k))
         total += learner.predict(x)
     output = total / max(1, len(folds))
-    price_pred = to_price(output, info.params["target"])
+    price_pred = to_price(output, config.models.target)
     return frame.select("sample_id").with_columns(
         pl.Series("pred", output), pl.Series("pred_log", np.log1p(price_pred)), pl.Series("pred_price", price_pred))
 

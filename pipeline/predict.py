@@ -19,15 +19,16 @@ import polars as pl
 from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
 from featurestore.errors import StaleTable
+from featurestore.names import PREDICTIONS, oof_table
 from featurestore.store import FeatureStore, Timer, file_sha256
 from models.matrix import MatrixSpec
-from models.train import SPEC_FILE, learner_builders, predict_saved
+from models.train import SPEC_FILE, TrainedLearner, learner_builders, predict_saved
 from pipeline.registry import builders_for, config_as_built, require_fresh
-from stacking.stack import load_meta, meta_frame, stack_key, write_submission
+from stacking.stack import TrainedStack, meta_frame, stack_key, write_submission
 
 
 def prediction_store_dir(store: FeatureStore, input_path: Path) -> Path:
-    return store.root / "predict" / f"{input_path.stem}-{file_sha256(input_path)[:12]}"
+    return store.derived_dir(f"{input_path.stem}-{file_sha256(input_path)[:12]}")
 
 
 def _check_same_settings(trained: FeatureStore, derived: FeatureStore, tables: set[str]) -> None:
@@ -44,32 +45,27 @@ def _check_same_settings(trained: FeatureStore, derived: FeatureStore, tables: s
 def _tables_used(store: FeatureStore, learners: list[str], raw_features: list[str]) -> set[str]:
     used = {f.partition(".")[0] for f in raw_features}
     for name in learners:
-        model_dir = store.root / store.info(f"oof__{name}").extra["model_dir"]  # type: ignore[union-attr]
+        model_dir = store.root / TrainedLearner.of(store, name).model_dir
         used |= set(MatrixSpec.load(model_dir / SPEC_FILE).tables)
     return used
 
 
-def _require_current_stack(config: Config, store: FeatureStore, learners: list[str], raw_features: list[str],
-                           key: str) -> None:
+def _require_current_stack(config: Config, store: FeatureStore, trained: TrainedStack) -> None:
     """The stored stack must still match what it was trained from: the train file, the feature tables, the
     learners and the stacking settings. Otherwise its predictions would silently mix old models with new data."""
     fix = "python cli.py build-features && python cli.py stack"
-    tables = _tables_used(store, learners, raw_features) | {f"oof__{name}" for name in learners}
-    require_fresh(config, store, tables, learner_builders(config, learners), fix=fix)
-    if stack_key(store, config) != key:
+    tables = _tables_used(store, trained.learners, trained.raw_features) | {oof_table(n) for n in trained.learners}
+    require_fresh(config, store, tables, learner_builders(config, trained.learners), fix=fix)
+    if stack_key(store, config) != trained.study_key:
         raise StaleTable(f"the stack in {store.root} was tuned on other learner tables or stacking settings than "
                          f"the store and config hold now (learners retrained, or [stacking] changed); run `{fix}`")
 
 
 def predict_file(config: Config, store: FeatureStore, input_path: Path, out: Path, progress: bool = True
                  ) -> pl.DataFrame:
-    info = store.info("predictions")
-    if info is None:
-        raise FileNotFoundError(f"no stack in {store.root}; run `python cli.py stack` first")
-    record = info.extra
-    learners = list(record["base_cv_smape"])
-    raw_features = list(record["meta_features"][len(learners):])
-    _require_current_stack(config, store, learners, raw_features, info.params["key"])
+    trained = TrainedStack.of(store)
+    learners, raw_features = trained.learners, trained.raw_features
+    _require_current_stack(config, store, trained)
     derived_config = copy.deepcopy(config_as_built(config, store))
     derived_config.data.test = str(input_path)
     derived_dir = prediction_store_dir(store, input_path)
@@ -90,13 +86,13 @@ def predict_file(config: Config, store: FeatureStore, input_path: Path, out: Pat
         for name in learners:
             base = predict_saved(derived, store, config, name).select("sample_id", pl.col("pred_log").alias(name))
             frame = frame.join(base, on="sample_id", how="left", maintain_order="left")
-        meta, feature_names = load_meta(store.root / record["meta_model"], config)
+        meta, feature_names = trained.load_meta(store, config)
         x = frame.select(pl.col(feature_names).cast(pl.Float64)).to_numpy()
         price = np.clip(np.expm1(meta.predict(x)), 0.01, None)
     ids = frame["sample_id"].to_numpy()
     predictions = pl.DataFrame({"sample_id": ids, "price": price})
-    derived.write("predictions", predictions, builder="Predictor",
+    derived.write(PREDICTIONS, predictions, builder="Predictor",
                   params={"input": str(input_path), "models": str(store.root)}, fingerprint=file_sha256(input_path),
-                  seconds=timer.seconds, extra={"meta_model": record["meta_model"]})
+                  seconds=timer.seconds, extra={"meta_model": trained.meta_model})
     write_submission(out, ids, price, ids)
     return predictions

@@ -1,2 +1,2 @@
-"""Optuna-tuned stacking meta-learner — not built yet (issue 5); the package exists so the project layout
-installs."""
+"""The stack: meta-learners over the base learners' out-of-fold predictions (`meta`), the Optuna candidate study
+with nested CV (`stack`) and the HTML report (`report`)."""

@@ -18,11 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from featurestore.store import (
-    FeatureStore,  # noqa: E402
-    atomic_write,  # noqa: E402
-)
+from featurestore.names import PREDICTIONS, STACK_OOF, oof_table  # noqa: E402
+from featurestore.store import FeatureStore, atomic_write  # noqa: E402
 from models.metrics import smape  # noqa: E402
+from models.train import TrainedLearner  # noqa: E402
 
 GBDTS = ("lgbm", "xgb", "catboost")
 
@@ -49,15 +48,15 @@ def oof_predictions(store: FeatureStore, learners: list[str]) -> pl.DataFrame:
     """Train rows: true price and every learner's and the stack's out-of-fold price."""
     frame = store.read("items", columns=["sample_id", "price"]).filter(pl.col("price").is_not_null())
     for name in learners:
-        oof = store.read(f"oof__{name}", columns=["sample_id", "pred_price"]).rename({"pred_price": name})
+        oof = store.read(oof_table(name), columns=["sample_id", "pred_price"]).rename({"pred_price": name})
         frame = frame.join(oof, on="sample_id", how="inner")
-    stack = store.read("stack_oof", columns=["sample_id", "pred_price"]).rename({"pred_price": "stack"})
+    stack = store.read(STACK_OOF, columns=["sample_id", "pred_price"]).rename({"pred_price": "stack"})
     return frame.join(stack, on="sample_id", how="inner").sort("sample_id")
 
 
 def build_report(store: FeatureStore, out: Path, bands: int = 5) -> Path:
-    info = store.info("predictions")
-    if info is None or not store.has_table("stack_oof"):
+    info = store.info(PREDICTIONS)
+    if info is None or not store.has_table(STACK_OOF):
         raise FileNotFoundError(f"no stack in {store.root}; run `python cli.py stack` first")
     record = info.extra
     learners = list(record["base_cv_smape"])
@@ -94,7 +93,7 @@ def build_report(store: FeatureStore, out: Path, bands: int = 5) -> Path:
     for name in learners:
         if name not in GBDTS:
             continue
-        top = store.info(f"oof__{name}").extra.get("importance_top", {})  # type: ignore[union-attr]
+        top = TrainedLearner.of(store, name).importance_top
         items = list(top.items())[:20]
         if not items:
             continue

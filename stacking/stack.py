@@ -29,7 +29,7 @@ import resource
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from itertools import combinations
 from multiprocessing import get_context
@@ -45,15 +45,16 @@ from featurestore.config import Config, ConfigError
 from featurestore.errors import UserError
 from featurestore.fingerprint import code_hash
 from featurestore.folds import n_folds
+from featurestore.names import OOF_PREFIX, PREDICTIONS, STACK_OOF, oof_table
 from featurestore.store import FeatureStore, Timer, atomic_write, quote_ident
 from models.base import threads
 from models.matrix import left_join, query_items
 from models.metrics import smape
+from models.train import TrainedLearner
 from stacking.meta import BASELINE_METAS, CANDIDATE_WEIGHTS, MetaLearner, meta_class
 
 log = logging.getLogger(__name__)
 
-JOURNAL = "optuna.journal"
 # Meta fits run single-threaded everywhere (workers and the final refit), so a refit reproduces the evaluated
 # model bit for bit and parallel candidates do not fight over cores.
 META_THREADS = 1
@@ -78,7 +79,7 @@ def meta_frame(store: FeatureStore, learners: list[str], raw_features: list[str]
     select: list[str] = []
     joins = []
     for n, learner in enumerate(learners):
-        table = f"oof__{learner}"
+        table = oof_table(learner)
         if not store.has_table(table):
             raise FileNotFoundError(f"table {table} is missing; `python cli.py stack` trains it")
         select.append(f"o{n}.pred_log AS {quote_ident(learner)}")
@@ -327,7 +328,7 @@ def _source_hash() -> str:
 
 
 def stack_key(store: FeatureStore, config: Config) -> str:
-    payload = {"oof": {n: store.info(f"oof__{n}").fingerprint for n in config.models.learners},  # type: ignore[union-attr]
+    payload = {"oof": {n: store.info(oof_table(n)).fingerprint for n in config.models.learners},  # type: ignore[union-attr]
                "raw": config.stacking.raw_features, "metas": config.stacking.metas, "seed": config.stacking.seed,
                "nested": config.stacking.nested,
         # The meta-learners' and the study's code: candidates scored by older code are never reused.
@@ -356,11 +357,35 @@ def _repair_journal(path: Path) -> None:
                             "to restart the stack's study from scratch (base learners are kept)") from None
 
 
+@dataclass
+class TrainedStack:
+    """What `predict` needs of a trained stack, typed (from the `predictions` manifest row's run record)."""
+
+    study_key: str
+    learners: list[str]
+    raw_features: list[str]
+    meta_model: str  # relative to the store
+
+    @classmethod
+    def of(cls, store: FeatureStore) -> TrainedStack:
+        info = store.info(PREDICTIONS)
+        if info is None:
+            raise FileNotFoundError(f"no stack in {store.root}; run `python cli.py stack` first")
+        try:
+            return cls(**{f.name: info.extra[f.name] for f in fields(cls)})
+        except KeyError as exc:
+            raise UserError(f"the stack in {store.root} was made by an older version (no {exc} in its record); "
+                            "rerun `python cli.py stack`") from None
+
+    def load_meta(self, store: FeatureStore, config: Config) -> tuple[MetaLearner, list[str]]:
+        return load_meta(store.root / self.meta_model, config)
+
+
 def journal_storage(store: FeatureStore) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend
 
-    _repair_journal(store.root / JOURNAL)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(store.root / JOURNAL)))
+    _repair_journal(store.journal_path)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(store.journal_path)))
 
 
 def save_meta(path: Path, result: StackResult, inputs: StackInputs) -> None:
@@ -425,10 +450,11 @@ def run_stack(store: FeatureStore, config: Config, trials: int, built: list[Buil
     record = {**result.record, "study_key": key, "stack_seconds": round(timer.seconds, 2),
               "total_seconds": round(train_seconds + total.seconds, 2), "peak_rss_mib": round(peak_kib / 1024, 1),
               "workers": threads(config),
+              "learners": learners, "raw_features": list(config.stacking.raw_features),
               "base_learners": {b.table: {"status": b.status, "seconds": round(b.seconds, 2),
-                                          "fold_smape": store.info(b.table).extra.get("fold_smape")}  # type: ignore[union-attr]
+                                          "fold_smape": TrainedLearner.of(store, b.table[len(OOF_PREFIX):]).fold_smape}
                                 for b in built}}
-    meta_path = store.root / "models" / "stack" / f"{key}.json"
+    meta_path = store.models_dir("stack") / f"{key}.json"
     save_meta(meta_path, result, inputs)
     record["meta_model"] = str(meta_path.relative_to(store.root))
     train_rows, test_rows = inputs.fold >= 0, inputs.fold < 0
@@ -436,17 +462,17 @@ def run_stack(store: FeatureStore, config: Config, trials: int, built: list[Buil
     stack_oof = pl.DataFrame({"sample_id": inputs.ids[train_rows], "fold": inputs.fold[train_rows],
                               "pred_log": result.meta_oof[train_rows],
                               "pred_price": np.expm1(result.meta_oof[train_rows])})
-    store.write("stack_oof", stack_oof, builder="Stacker", params={"trials": trials, "key": key},
+    store.write(STACK_OOF, stack_oof, builder="Stacker", params={"trials": trials, "key": key},
                 fingerprint=fingerprint, seconds=timer.seconds, extra={"stack_cv_smape": record["stack_cv_smape"]})
     price = np.clip(np.expm1(result.test_pred), 0.01, None)
     predictions = pl.DataFrame({"sample_id": inputs.ids[test_rows], "price": price})
-    store.write("predictions", predictions, builder="Stacker", params={"trials": trials, "key": key},
+    store.write(PREDICTIONS, predictions, builder="Stacker", params={"trials": trials, "key": key},
                 fingerprint=fingerprint, seconds=timer.seconds, extra=record)
     if predictions.height:
         submission_path = store.root / config.stacking.submission
         write_submission(submission_path, inputs.ids[test_rows], price, inputs.ids[test_rows])
         record["submission"] = str(submission_path)
-    runs = store.root / "runs"
+    runs = store.runs_dir
     runs.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     run_path = runs / f"stack-{stamp}-{os.getpid()}.json"

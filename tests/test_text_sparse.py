@@ -38,8 +38,9 @@ def test_sparse_table_round_trips_and_is_sql_readable(tmp_path: Path, real_train
     ids = store.read("items").sort("sample_id")["sample_id"]
     # The in-memory matrix the builder computes, from a fresh builder on the same store...
     builder = TextSparseBuilder(config)
-    fresh = builder.build(BuildContext(store, config, progress=False, fingerprint="check"))
-    expected = frame_to_csr(fresh, builder._extra["n_features"])
+    built = builder.build(BuildContext(store, config, progress=False, fingerprint="check"))
+    fresh = built.table
+    expected = frame_to_csr(fresh, built.extra["n_features"])
     stored = read_sparse(store, "text_sparse", ids.to_numpy())
     assert stored.shape == expected.shape and stored.nnz == expected.nnz > 0
     assert (stored != expected).nnz == 0
