@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -50,3 +54,19 @@ def small_config(tmp_path: Path, real_train: pl.DataFrame, real_test: pl.DataFra
 @pytest.fixture
 def store(small_config: Config) -> FeatureStore:
     return FeatureStore(small_config.store.dir)
+
+
+def start_until(args: list[str], marker: Path, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+    """Start a process and return once it has created `marker` (the point a crash test kills it at)."""
+    proc = subprocess.Popen(args)
+    deadline = time.time() + timeout
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), f"the helper process never reached {marker.name}"
+    return proc
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL: a crash, no cleanup runs."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

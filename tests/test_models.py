@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from pipeline.predict import predict_file, prediction_store_dir
 from pipeline.registry import builders_for
 from pipeline.run import train_and_stack
 from stacking.stack import StackInputs, journal_storage, meta_frame, run_levels, stack_inputs
-from tests.conftest import ROOT, make_config
+from tests.conftest import ROOT, kill9, make_config, start_until
 
 FAST = {
     "catalog.use_spacy": False, "folds.k": 4, "folds.price_bands": 4,
@@ -257,9 +256,6 @@ def test_predict_refuses_a_stack_whose_inputs_changed(stacked, tmp_path: Path) -
 def test_a_killed_retrain_leaves_predict_on_the_previous_models(stacked, tmp_path: Path) -> None:
     """SIGKILL a retrain after its first new fold model is saved: the committed `oof__lgbm` row still points at
     the previous models, which are deleted only a build later, so `predict` works and gives the same prices."""
-    import signal
-    import time
-
     config, store, _ = stacked
     before = predict_file(config, store, Path(config.data.test), tmp_path / "before.csv", progress=False)
     marker = tmp_path / "saved_one_fold"
@@ -283,13 +279,7 @@ cls._save = stalling
 config = load_config(None, json.loads(sys.argv[1]))
 train_learners(config, FeatureStore(config.store.dir), ["lgbm"], progress=False)
 """
-    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(overrides)])
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert marker.exists(), "the retrain never saved a fold model"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill9(start_until([sys.executable, "-c", script, json.dumps(overrides)], marker))
     assert len(list((store.root / "models" / "lgbm").iterdir())) == 2  # the committed folder + the torn new one
     after = predict_file(config, store, Path(config.data.test), tmp_path / "after.csv", progress=False)
     assert after.equals(before)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ from featurestore.errors import StaleTable, StoreBusy, UserError
 from featurestore.lock import writer_lock
 from featurestore.store import FeatureStore
 from pipeline.registry import builders_for, require_fresh
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, kill9, start_until
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -44,12 +43,7 @@ def _hold(script: str, marker: Path) -> subprocess.Popen[bytes]:
         from pathlib import Path
         {script}
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.time() + 60
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert marker.exists(), "the helper process never got there"
-    return proc
+    return start_until([sys.executable, "-c", code], marker, timeout=60)
 
 
 # -- the store lock -----------------------------------------------------------------------------------------
@@ -70,8 +64,7 @@ def test_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_t
         busy = _cli("build-features", "--store", str(root), "-q")
         assert busy.returncode == 1 and f"pid {holder.pid}" in busy.stderr and "Traceback" not in busy.stderr
     finally:
-        os.kill(holder.pid, signal.SIGKILL)  # a crash: no cleanup runs
-        holder.wait()
+        kill9(holder)
     assert (root / ".writer.lock").read_text()  # the dead holder's record is still there...
     with writer_lock(root, "train"):  # ...and is taken over, not obeyed
         assert json.loads((root / ".writer.lock").read_text())["pid"] == os.getpid()

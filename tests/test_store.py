@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import duckdb
@@ -18,7 +14,7 @@ from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
 from featurestore.store import FeatureStore
 from pipeline.registry import builders_for
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill9, start_until
 
 
 def _build(config: Config, store: FeatureStore) -> dict[str, str]:
@@ -132,13 +128,7 @@ def test_killed_build_leaves_previous_table_intact(small_config: Config, store: 
         run_builders(BuildContext(store, config, progress=False), builders_for(config, ["catalog"]), force=True)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + 60
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert marker.exists(), "the build never reached the rename"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill9(start_until([sys.executable, "-c", script], marker, timeout=60))
     assert store.read("catalog").equals(before)
     assert _build(small_config, store)["catalog"] == "reused"
 
