@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,7 +319,24 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
             raise ConfigError(
                 f"{where}.{key}: expected {expected.__name__}, got {type(value).__name__} ({value!r})"
             )
+        element = _list_element_type(type(obj), key) if expected is list else None
+        if element is not None:
+            if element is float:
+                value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+            wrong = [v for v in value if not isinstance(v, element) or (element is int and isinstance(v, bool))]
+            if wrong:
+                raise ConfigError(f"{where}.{key}: expected a list of {element.__name__}, got {wrong[0]!r} in "
+                                  f"{value!r}")
         setattr(obj, key, value)
+
+
+def _list_element_type(cls: type, name: str) -> type | None:
+    """X of a `list[X]` field (str, int or float); None for anything else."""
+    hint = typing.get_type_hints(cls).get(name)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list and len(args) == 1 and args[0] in (str, int, float):
+        return args[0]
+    return None
 
 
 def apply_settings(obj: Any, values: dict[str, Any], where: str) -> Any:
