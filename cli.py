@@ -189,15 +189,21 @@ def sql(
 
 
 def _stack_summary(record: dict[str, Any]) -> None:
-    typer.echo(f"{'model':<14} {'CV SMAPE':>9}")
-    for name, value in record["base_cv_smape"].items():
+    from models.metrics import leaderboard_score
+
+    header = f"CV {record['metric'].upper()}"
+    typer.echo(f"{'model':<14} {header:>9}")
+    for name, value in record["base_cv"].items():
         typer.echo(f"{name:<14} {value:>9.2f}")
-    typer.echo(f"{'mean blend':<14} {record['mean_blend_cv_smape']:>9.2f}")
-    typer.echo(f"{'best single':<14} {record['best_single_cv_smape']:>9.2f}")
+    typer.echo(f"{'mean blend':<14} {record['mean_blend_cv']:>9.2f}")
+    typer.echo(f"{'best single':<14} {record['best_single_cv']:>9.2f}")
     nested = "nested CV" if record["nested"] else "not nested: optimistic"
-    typer.echo(f"{'stack':<14} {record['stack_cv_smape']:>9.2f}  ({record['best_meta']} chosen of "
+    typer.echo(f"{'stack':<14} {record['stack_cv']:>9.2f}  ({record['best_meta']} chosen of "
                f"{record['candidates']} candidates, {nested}; {record['stack_seconds']:.1f}s, "
                f"peak {record['peak_rss_mib']:.0f} MiB)")
+    board = leaderboard_score(record["metric"], record["stack_cv"])
+    if board is not None:
+        typer.echo(f"{'leaderboard':<14} {board:>9.2f}  (max(0, 100 x (1 - MAPE)), the 2023 challenge's score)")
 
 
 @app.command()
@@ -216,8 +222,8 @@ def train(
         results = train_learners(cfg, fs, learner, force=force, progress=not quiet)
         for result in results:
             extra = fs.info(result.table).extra  # type: ignore[union-attr]
-            typer.echo(f"{result.table:<20} {result.status:<7} OOF SMAPE {extra['oof_smape']:6.2f}  "
-                       f"{result.seconds:6.1f}s")
+            typer.echo(f"{result.table:<20} {result.status:<7} OOF {extra['metric'].upper()} "
+                       f"{extra['oof_score']:6.2f}  {result.seconds:6.1f}s")
 
 
 @app.command()

@@ -132,7 +132,7 @@ def corpus(name: str, config_path: Path, store_dir: Path, trials: int, ag_python
     for learner in config.models.learners:
         wall, peak = timed_cli("train", *common, "--learner", learner)
         extra = FeatureStore(store_dir).info(f"oof__{learner}").extra  # type: ignore[union-attr]
-        learners[learner] = {"cv_smape": extra["oof_smape"], "train_wall_seconds": wall, "peak_rss_mib": peak}
+        learners[learner] = {"cv_smape": extra["oof_score"], "train_wall_seconds": wall, "peak_rss_mib": peak}
         print(name, learner, learners[learner], flush=True)
     out = stack_part(name, config_path, store_dir, trials, learners, {"build_features_seconds": features_s})
     if ag_python:
@@ -154,9 +154,9 @@ def stack_part(name: str, config_path: Path, store_dir: Path, trials: int, learn
            "stack_wall_seconds_learners_trained": stack_s, "stack_peak_rss_mib": stack_peak,
            "stack_over_base_wall": round(stack_s / base_wall, 3),
            "stack_seconds_in_study": record["stack_seconds"], "candidates": record["candidates"],
-           "base_cv_smape": record["base_cv_smape"], "mean_blend_cv_smape": record["mean_blend_cv_smape"],
-           "best_single_cv_smape": record["best_single_cv_smape"], "stack_cv_smape": record["stack_cv_smape"],
-           "stack_final_choice_cv_smape": record["final_cv_smape"], "stack_meta": record["best_meta"],
+           "base_cv_smape": record["base_cv"], "mean_blend_cv_smape": record["mean_blend_cv"],
+           "best_single_cv_smape": record["best_single_cv"], "stack_cv_smape": record["stack_cv"],
+           "stack_final_choice_cv_smape": record["final_cv"], "stack_meta": record["best_meta"],
            "stack_params": record["best_params"], "nested": record["nested"],
            "outer_fold_choices": {k: v["meta"] for k, v in record["outer_folds"].items()}}
     print(name, json.dumps(out), flush=True)

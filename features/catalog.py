@@ -187,6 +187,36 @@ def spacy_brands(names: list[str | None], model: str, batch_size: int, progress:
     return brands
 
 
+# A size anywhere in a generic text column: mass, volume, count and length units ("54inch", "580 mm", "5 feet").
+# Bare "in" is left out ("3 in 1").
+GENERIC_SIZE = (
+    r"(?i)(\d+(?:[.,]\d+)?)\s*-?\s*(fl\.?\s*oz|fluid\s+ounces?|ounces?|oz|lbs?|pounds?|kgs?|kilograms?|grams?|g|"
+    r"mg|ml|milliliters?|liters?|litres?|l|gallons?|gal|inch(?:es)?|centimet(?:er|re)s?|cm|millimet(?:er|re)s?|mm|"
+    r"feet|foot|ft|met(?:er|re)s?|m|count|ct|pieces?|pcs)\b"
+)
+
+
+def text_sizes(items: pl.DataFrame, column: str) -> pl.DataFrame:
+    """Sizes written in one text column: the first one (value, canonical unit, kind, base units: g / ml / count
+    / mm) and the largest length mentioned (mm), per row; nulls where the text names none."""
+    prefix = column.removeprefix("text_")
+    mentions = (items.select("sample_id", pl.col(column).str.extract_all(GENERIC_SIZE).alias("m"))
+                .explode("m").drop_nulls("m")
+                .with_columns(value=_to_number(pl.col("m").str.extract(GENERIC_SIZE, 1)),
+                              unit=canonical_unit(pl.col("m").str.extract(GENERIC_SIZE, 2)))
+                .with_columns(kind=unit_kind(pl.col("unit")), base=pl.col("value") * unit_factor(pl.col("unit"))))
+    mentions = bound_numbers(mentions, ["value", "base"], f"size in {prefix}")
+    per_row = mentions.group_by("sample_id", maintain_order=True).agg(
+        pl.col("value").first().alias(f"{prefix}_size_value"),
+        pl.col("unit").first().alias(f"{prefix}_size_unit"),
+        pl.col("kind").first().alias(f"{prefix}_size_kind"),
+        pl.col("base").first().alias(f"{prefix}_size_base"),
+        pl.col("base").filter(pl.col("kind") == "length").max().alias(f"{prefix}_length_max_mm"),
+        pl.len().cast(pl.Int32).alias(f"{prefix}_size_mentions"),
+    )
+    return items.select("sample_id").join(per_row, on="sample_id", how="left", maintain_order="left")
+
+
 def generic_features(items: pl.DataFrame, categorical: list[str], numeric: list[str]) -> pl.DataFrame:
     text_columns = [c for c in items.columns if c.startswith("text_")] or ["text"]
     exprs: list[pl.Expr] = [pl.col("sample_id"), pl.col("text").str.len_chars().alias("text_chars"),
@@ -202,7 +232,10 @@ def generic_features(items: pl.DataFrame, categorical: list[str], numeric: list[
             exprs += [parts.list.get(level, null_on_oob=True).alias(f"cat_{column}_l{level + 1}")
                       for level in range(3)]
     exprs += [pl.col(f"num_{c}") for c in numeric]
-    return items.select(exprs)
+    table = items.select(exprs)
+    for column in text_columns:
+        table = table.join(text_sizes(items, column), on="sample_id", how="left", maintain_order="left")
+    return table
 
 
 class CatalogBuilder(FeatureBuilder):

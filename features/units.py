@@ -27,6 +27,7 @@ CANONICAL: dict[str, tuple[str, float]] = {
     "ft": ("length", 304.8),
     "in": ("length", 25.4),
     "cm": ("length", 10.0),
+    "mm": ("length", 1.0),
     "m": ("length", 1000.0),
 }
 
@@ -59,8 +60,9 @@ SPELLINGS: dict[str, str] = {
     **dict.fromkeys(["sq ft", "square feet", "square foot", "sqft"], "sq_ft"),
     **dict.fromkeys(["foot", "feet", "ft"], "ft"),
     **dict.fromkeys(["inch", "inches", "in"], "in"),
-    **dict.fromkeys(["cm", "centimeter", "centimeters"], "cm"),
-    **dict.fromkeys(["meter", "meters", "m"], "m"),
+    **dict.fromkeys(["cm", "centimeter", "centimeters", "centimetre", "centimetres"], "cm"),
+    **dict.fromkeys(["mm", "millimeter", "millimeters", "millimetre", "millimetres"], "mm"),
+    **dict.fromkeys(["meter", "meters", "metre", "metres", "m"], "m"),
 }
 
 MISSING_SPELLINGS = {"", "none", "nan", "null", "n/a", "na"}

@@ -179,7 +179,7 @@ GBDT_TABLES = ["catalog", "target_enc", "knn__text_minilm", "knn__text_mpnet", "
 class GbdtConfig:
     # Feature set: tables joined on sample_id (DuckDB). Strings become categories when few enough, else dropped.
     tables: list[str] = field(default_factory=lambda: list(GBDT_TABLES))
-    objective: str = choice("huber", "l1", "l2")  # on the (log) target
+    objective: str = choice("auto", "huber", "l1", "l2")  # on the transformed target; auto: from task.metric
     rounds: int = 2000
     learning_rate: float = 0.05
     early_stopping_rounds: int = 100
@@ -194,7 +194,7 @@ class MlpConfig:
     # Sparse tables (text_sparse) go straight into the first layer through an EmbeddingBag, never densified.
     tables: list[str] = field(default_factory=lambda: ["catalog", "text_emb__minilm", "text_emb__mpnet",
                                                        "image_emb__clip", "text_sparse"])
-    objective: str = choice("huber", "l1", "l2")
+    objective: str = choice("auto", "huber", "l1", "l2")
     hidden: list[int] = field(default_factory=lambda: [256, 64])
     dropout: float = 0.1
     epochs: int = 20
@@ -230,7 +230,6 @@ class ModelsConfig:
     # Base learners (names from models.registry); each writes oof__<name>.
     learners: list[str] = field(default_factory=lambda: ["lgbm", "xgb", "catboost", "mlp", "ridge", "lgbm_text",
                                                          "mlp_sparse"])
-    target: str = choice("log1p", "none")  # "log1p": models fit log1p(price) (SMAPE is relative); "none": raw
     seed: int = 42
     threads: int = 0  # 0 = every core
     # String columns with at most this many distinct training values become categories; longer ones are dropped.
@@ -270,7 +269,18 @@ class StackingConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What the predictions are scored on; every score, loss default and the stack's objective follow it."""
+
+    # smape | mape | mae | rmse | rmsle (definitions and zero rules: models/metrics.py)
+    metric: str = choice("smape", "mape", "mae", "rmse", "rmsle")
+    # Transform the learners fit: auto (the metric's: log1p, or none for rmse) | log1p | log | none
+    target: str = choice("auto", "log1p", "log", "none")
+
+
+@dataclass
 class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

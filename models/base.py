@@ -23,15 +23,21 @@ import scipy.sparse as sp
 from featurestore.config import Config, apply_settings
 
 OBJECTIVES = ("huber", "l1", "l2")
+# "auto": the loss the task's metric calls for (models.metrics: smape -> huber, mape/mae -> l1, rmse/rmsle -> l2).
+AUTO = "auto"
 
 
 @dataclass
 class Inputs:
     dense: np.ndarray
     sparse: sp.csr_matrix | None = None
+    # Row weights for fitting (None: all equal). Set from the task's metric (MAPE: 1/y); only learners with
+    # `supports_weights` read them.
+    weight: np.ndarray | None = None
 
     def rows(self, index: np.ndarray) -> Inputs:
-        return Inputs(self.dense[index], None if self.sparse is None else self.sparse[index])
+        return Inputs(self.dense[index], None if self.sparse is None else self.sparse[index],
+                      None if self.weight is None else self.weight[index])
 
     def __len__(self) -> int:
         return self.dense.shape[0]
@@ -60,6 +66,8 @@ class BaseLearner(ABC):
     # A plug-in learner's settings dataclass (its `[models.<name>]` section is validated into one; it needs a
     # `tables` list). Built-in learners' settings are the config's own sections.
     settings_type: ClassVar[type | None] = None
+    # Whether fitting honours Inputs.weight (the metric's row weights); cross-fitting records it either way.
+    supports_weights: ClassVar[bool] = False
 
     def __init__(self, settings: Any, seed: int, threads: int, feature_names: list[str],
                  categorical: list[int]) -> None:
@@ -177,7 +185,8 @@ def learner_settings(config: Config, name: str) -> Any:
 
 def check_objective(learner: str, objective: str) -> str:
     if objective not in OBJECTIVES:
-        raise ValueError(f"models.{learner}.objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+        raise ValueError(f"models.{learner}.objective must be one of {', '.join(OBJECTIVES)}; got {objective!r} "
+                         "(\"auto\" is resolved from task.metric by models.train.resolved_settings)")
     return objective
 
 

@@ -28,6 +28,7 @@ class LightGBMLearner(BaseLearner):
     name = "lgbm"
     file_pattern = "fold{fold}.lgbm.txt"
     reads_sparse = True
+    supports_weights = True
 
     def _params(self) -> dict[str, Any]:
         cfg = self.settings
@@ -47,9 +48,9 @@ class LightGBMLearner(BaseLearner):
         assert watch is not None
         cfg = self.settings
         params = self._params()
-        dtrain = lgb.Dataset(train.combined(), y, feature_name=_safe_names(self.feature_names),
+        dtrain = lgb.Dataset(train.combined(), y, weight=train.weight, feature_name=_safe_names(self.feature_names),
                              categorical_feature=self.categorical or "auto", free_raw_data=True)
-        dwatch = lgb.Dataset(watch.combined(), y_watch, reference=dtrain)
+        dwatch = lgb.Dataset(watch.combined(), y_watch, weight=watch.weight, reference=dtrain)
         self.model_ = lgb.train(params, dtrain, num_boost_round=cfg.rounds, valid_sets=[dwatch],
                                 callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)])
         self.best_iteration_ = self.model_.best_iteration
@@ -83,6 +84,7 @@ class XGBoostLearner(BaseLearner):
     name = "xgb"
     file_pattern = "fold{fold}.xgb.json"
     reads_sparse = True
+    supports_weights = True
 
     def _params(self) -> dict[str, Any]:
         cfg = self.settings
@@ -101,8 +103,9 @@ class XGBoostLearner(BaseLearner):
         assert watch is not None
         cfg = self.settings
         names = _safe_names(self.feature_names)
-        dtrain = xgb.DMatrix(train.combined(), label=y, feature_names=names, missing=np.nan)
-        dwatch = xgb.DMatrix(watch.combined(), label=y_watch, feature_names=names, missing=np.nan)
+        dtrain = xgb.DMatrix(train.combined(), label=y, weight=train.weight, feature_names=names, missing=np.nan)
+        dwatch = xgb.DMatrix(watch.combined(), label=y_watch, weight=watch.weight, feature_names=names,
+                             missing=np.nan)
         # Start from the median: pseudo-Huber's Newton steps are tiny far from the target, so from XGBoost's
         # default start the first trees barely move and early stopping quits at round 1.
         params = {"base_score": float(np.median(y)), **self._params()}
@@ -134,6 +137,7 @@ class XGBoostLearner(BaseLearner):
 class CatBoostLearner(BaseLearner):
     name = "catboost"
     file_pattern = "fold{fold}.cbm"
+    supports_weights = True
 
     def _params(self) -> dict[str, Any]:
         cfg = self.settings
@@ -155,8 +159,9 @@ class CatBoostLearner(BaseLearner):
         # to reach: start both pools at the median, then store the median as the model's bias (inside the cbm).
         start = float(np.median(y))
         self.model_ = catboost.CatBoostRegressor(**self._params())
-        self.model_.fit(catboost.Pool(train.dense, y, baseline=np.full(len(y), start)),
-                        eval_set=catboost.Pool(watch.dense, y_watch, baseline=np.full(len(y_watch), start)))
+        self.model_.fit(catboost.Pool(train.dense, y, weight=train.weight, baseline=np.full(len(y), start)),
+                        eval_set=catboost.Pool(watch.dense, y_watch, weight=watch.weight,
+                                               baseline=np.full(len(y_watch), start)))
         scale, bias = self.model_.get_scale_and_bias()
         self.model_.set_scale_and_bias(scale, bias + start)
         self.best_iteration_ = int(self.model_.get_best_iteration() or 0) + 1

@@ -26,6 +26,7 @@ class RidgeLearner(BaseLearner):
     file_pattern = "fold{fold}.ridge.safetensors"
     reads_sparse = True
     uses_early_stopping = False
+    supports_weights = True
 
     def recorded_params(self) -> dict[str, Any]:
         return {"alpha": self.settings.alpha, "clip": self.settings.clip, "solver": "sparse_cg"}
@@ -43,7 +44,7 @@ class RidgeLearner(BaseLearner):
         self.scale_ = np.where(scale > 1e-9, scale, 1.0).astype(np.float32)
         # sparse_cg with a fixed tolerance is deterministic and handles the intercept on CSR input.
         model = Ridge(alpha=self.settings.alpha, solver="sparse_cg", tol=1e-5, max_iter=2000)
-        model.fit(self._design(train), y)
+        model.fit(self._design(train), y, sample_weight=train.weight)
         self.coef_ = model.coef_.astype(np.float64)
         self.intercept_ = float(model.intercept_)
 

@@ -1,33 +1,129 @@
-"""SMAPE, the challenge metric, in percent (0 = perfect, 200 = worst)."""
+"""The metrics registry: what a task is scored on, and the target transforms its models fit.
+
+Every score in the product (fold scores, OOF scores, the stack's Optuna objective and nested CV, the report, the
+CLI summary) comes from `metric(config_name).score(true, predicted)` on the original target scale. All metrics
+here are "lower is better". Each says how it treats zeros, and what a learner should fit to be good at it:
+
+- smape: 100 * mean(2|p - y| / (|y| + |p|)), a pair of zeros counts 0; optimum near the median; learners fit
+  Huber on log1p(y).
+- mape: 100 * mean(|p - y| / |y|), a zero target is an error naming the rows; optimum the 1/y-weighted median
+  (below the median); learners fit L1 on log1p(y) with rows weighted 1/y (same constant optimum).
+- mae: mean(|p - y|); optimum the median, which a monotone transform keeps: L1 on log1p(y).
+- rmse: sqrt(mean((p - y)^2)); optimum the mean: L2 on the raw target (a log target gives the geometric mean).
+- rmsle: sqrt(mean((log1p p - log1p y)^2)), values must be above -1; L2 on log1p(y).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 
-def smape(true_price: np.ndarray, predicted_price: np.ndarray) -> float:
-    true_price = np.asarray(true_price, dtype=np.float64)
-    predicted_price = np.asarray(predicted_price, dtype=np.float64)
-    denominator = np.abs(true_price) + np.abs(predicted_price)
-    ratio = np.divide(2.0 * np.abs(predicted_price - true_price), denominator,
-                      out=np.zeros_like(denominator), where=denominator > 0)
+def _pair(true: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    true = np.asarray(true, dtype=np.float64)
+    predicted = np.asarray(predicted, dtype=np.float64)
+    if true.shape != predicted.shape:
+        raise ValueError(f"{true.shape[0]} true values but {predicted.shape[0]} predictions")
+    return true, predicted
+
+
+def smape(true: np.ndarray, predicted: np.ndarray) -> float:
+    true, predicted = _pair(true, predicted)
+    denominator = np.abs(true) + np.abs(predicted)
+    ratio = np.divide(2.0 * np.abs(predicted - true), denominator, out=np.zeros_like(denominator),
+                      where=denominator > 0)
     return float(100.0 * ratio.mean())
 
 
+def mape(true: np.ndarray, predicted: np.ndarray) -> float:
+    true, predicted = _pair(true, predicted)
+    zero = np.flatnonzero(true == 0)
+    if zero.size:
+        raise ValueError(f"MAPE is undefined for a zero target: {zero.size} row(s), positions {zero[:5].tolist()}; "
+                         "use smape or mae for targets that can be 0")
+    return float(100.0 * np.mean(np.abs(predicted - true) / np.abs(true)))
+
+
+def mae(true: np.ndarray, predicted: np.ndarray) -> float:
+    true, predicted = _pair(true, predicted)
+    return float(np.mean(np.abs(predicted - true)))
+
+
+def rmse(true: np.ndarray, predicted: np.ndarray) -> float:
+    true, predicted = _pair(true, predicted)
+    return float(np.sqrt(np.mean((predicted - true) ** 2)))
+
+
+def rmsle(true: np.ndarray, predicted: np.ndarray) -> float:
+    true, predicted = _pair(true, predicted)
+    if np.any(true <= -1) or np.any(predicted <= -1):
+        raise ValueError("RMSLE needs true values and predictions above -1")
+    return float(np.sqrt(np.mean((np.log1p(predicted) - np.log1p(true)) ** 2)))
+
+
+def _inverse_target(true: np.ndarray) -> np.ndarray:
+    """Row weights 1/y, scaled to mean 1 (so learning rates and regularisation keep their meaning)."""
+    weight = 1.0 / np.abs(np.asarray(true, dtype=np.float64))
+    return weight / weight.mean()
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    score: Callable[[np.ndarray, np.ndarray], float]
+    definition: str
+    zeros: str  # how a zero target is treated
+    objective: str  # the learners' loss under objective = "auto": huber | l1 | l2
+    target: str  # the target transform under task.target = "auto"
+    weights: Callable[[np.ndarray], np.ndarray] | None = None  # row weights for fitting, from the true values
+    weights_rule: str = "none"
+
+    def fit_weights(self, true: np.ndarray) -> np.ndarray | None:
+        return None if self.weights is None else self.weights(true)
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("smape", smape, "100 * mean(2|p - y| / (|y| + |p|))", "a pair of zeros scores 0", "huber", "log1p"),
+    Metric("mape", mape, "100 * mean(|p - y| / |y|)", "a zero target is an error naming the rows", "l1", "log1p",
+           _inverse_target, "1/y, mean 1"),
+    Metric("mae", mae, "mean(|p - y|)", "no special case", "l1", "log1p"),
+    Metric("rmse", rmse, "sqrt(mean((p - y)^2))", "no special case", "l2", "none"),
+    Metric("rmsle", rmsle, "sqrt(mean((log1p p - log1p y)^2))", "needs values above -1", "l2", "log1p"),
+)}
+TARGETS = ("log1p", "log", "none")
+
+
+def metric(name: str) -> Metric:
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+def leaderboard_score(metric_name: str, value: float) -> float | None:
+    """The 2023 challenge's leaderboard score for MAPE: max(0, 100 * (1 - MAPE)) with MAPE as a fraction."""
+    return max(0.0, 100.0 - value) if metric_name == "mape" else None
+
+
 def to_price(prediction: np.ndarray, target: str) -> np.ndarray:
-    """Model output -> price; "log1p" models predict log1p(price). Prices are kept strictly positive."""
+    """Model output -> the target's scale, kept strictly positive (0.01 at least) like the targets ingest
+    accepts, so the stack can work in log space."""
     if target == "log1p":
-        price = np.expm1(prediction)
-    elif target == "none":
-        price = np.asarray(prediction, dtype=np.float64)
-    else:
-        raise ValueError(f"models.target = {target!r}; expected 'log1p' or 'none'")
-    return np.clip(price, 0.01, None)
+        return np.clip(np.expm1(prediction), 0.01, None)
+    if target == "log":
+        return np.clip(np.exp(prediction), 0.01, None)
+    if target == "none":
+        return np.clip(np.asarray(prediction, dtype=np.float64), 0.01, None)
+    raise ValueError(f"task.target = {target!r}; expected one of {', '.join(TARGETS)}")
 
 
 def to_target(price: np.ndarray, target: str) -> np.ndarray:
+    price = np.asarray(price, dtype=np.float64)
     if target == "log1p":
         return np.log1p(price)
+    if target == "log":
+        return np.log(price)
     if target == "none":
-        return np.asarray(price, dtype=np.float64)
-    raise ValueError(f"models.target = {target!r}; expected 'log1p' or 'none'")
+        return price
+    raise ValueError(f"task.target = {target!r}; expected one of {', '.join(TARGETS)}")

@@ -70,6 +70,7 @@ class MLPLearner(BaseLearner):
     name = "mlp"
     file_pattern = "fold{fold}.pt"
     reads_sparse = True
+    supports_weights = True
 
     def recorded_params(self) -> dict[str, Any]:
         cfg = self.settings
@@ -79,7 +80,9 @@ class MLPLearner(BaseLearner):
 
     def _loss(self) -> nn.Module:
         objective = check_objective(self.name, self.settings.objective)
-        return {"huber": nn.HuberLoss(delta=1.0), "l1": nn.L1Loss(), "l2": nn.MSELoss()}[objective]
+        # Per-row losses: rows are weighted (the metric's weights) before the mean.
+        return {"huber": nn.HuberLoss(delta=1.0, reduction="none"), "l1": nn.L1Loss(reduction="none"),
+                "l2": nn.MSELoss(reduction="none")}[objective]
 
     def _net(self, n_dense: int, n_sparse: int) -> PriceNet:
         cfg = self.settings
@@ -117,6 +120,8 @@ class MLPLearner(BaseLearner):
         if net.sparse is not None:
             optimisers.append(torch.optim.SparseAdam(list(net.sparse.parameters()), lr=cfg.learning_rate))
         loss_fn = self._loss()
+        weight = torch.from_numpy((np.ones(len(train)) if train.weight is None else train.weight).astype(np.float32))
+        watch_weight = np.ones(len(watch)) if watch.weight is None else watch.weight
         generator = torch.Generator().manual_seed(seed)
         best = (np.inf, copy.deepcopy(net.state_dict()), 0)
         for epoch in range(cfg.epochs):
@@ -127,11 +132,12 @@ class MLPLearner(BaseLearner):
                 part = train.rows(batch)
                 for optimiser in optimisers:
                     optimiser.zero_grad()
-                loss = loss_fn(net(torch.from_numpy(part.dense), _bag(part.sparse, binary)), target[batch])
+                rows = loss_fn(net(torch.from_numpy(part.dense), _bag(part.sparse, binary)), target[batch])
+                loss = (rows * weight[batch]).mean()
                 loss.backward()
                 for optimiser in optimisers:
                     optimiser.step()
-            watch_loss = float(np.abs(_predict_net(net, watch, binary) - y_watch).mean())
+            watch_loss = float(np.average(np.abs(_predict_net(net, watch, binary) - y_watch), weights=watch_weight))
             if watch_loss < best[0]:
                 best = (watch_loss, copy.deepcopy(net.state_dict()), epoch + 1)
             elif epoch + 1 - best[2] >= cfg.early_stopping_epochs:

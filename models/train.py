@@ -15,7 +15,7 @@ import hashlib
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ from featurestore.folds import fold_plan
 from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
 from featurestore.store import FeatureStore, Timer
-from models.base import BaseLearner, Inputs, learner_settings, threads
+from models.base import AUTO, BaseLearner, Inputs, learner_settings, threads
 from models.matrix import MatrixSpec, cap_sparse_columns, feature_inputs, fit_spec, load_frame, split_tables
-from models.metrics import smape, to_price, to_target
+from models.metrics import METRICS, Metric, metric, to_price, to_target
 from models.registry import learner_class, learner_tables, load_plugins
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def watch_mask(groups: np.ndarray, fraction: float, seed: int, fold: int) -> np.
 class CrossFitResult:
     oof: np.ndarray  # model output (target space) for every row; NaN on test rows
     test: np.ndarray  # mean of the fold models' outputs on the test rows
-    fold_smape: dict[int, float] = field(default_factory=dict)
+    fold_scores: dict[int, float] = field(default_factory=dict)  # the task's metric, per validation fold
     best_iterations: dict[int, int | None] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
     importance: dict[str, float] = field(default_factory=dict)
@@ -67,11 +67,16 @@ class CrossFitResult:
 def cross_fit(
     make: Callable[[int], BaseLearner], x: Inputs, price: np.ndarray, fold: np.ndarray, groups: np.ndarray,
     target: str, watch_fraction: float, seed: int, model_dir: Path, progress: bool = False,
+    task_metric: Metric = METRICS["smape"],
 ) -> CrossFitResult:
     """Fit one model per fold (seed + fold), save it, reload it and predict with the reloaded file, so the
-    pipeline's numbers come from exactly what `predict` will load. `groups` keys the early-stopping slice."""
+    pipeline's numbers come from exactly what `predict` will load. `groups` keys the early-stopping slice.
+    Folds are scored with `task_metric`; its row weights (MAPE: 1/y) reach learners that support weights."""
     is_test = fold < 0
     y = np.where(is_test, np.nan, to_target(np.nan_to_num(price, nan=1.0), target))
+    weights = task_metric.fit_weights(np.nan_to_num(price, nan=1.0))
+    if weights is not None and make(0).supports_weights:
+        x = replace(x, weight=np.where(is_test, 0.0, weights))
     plan = list(fold_plan(fold))
     oof = np.full(len(fold), np.nan)
     test_rows = np.flatnonzero(is_test)
@@ -95,7 +100,7 @@ def cross_fit(
             oof[valid_rows] = loaded.predict(x.rows(valid_rows))
             if len(test_rows):
                 test_sum += loaded.predict(x.rows(test_rows))
-        result.fold_smape[k] = round(smape(price[valid_rows], to_price(oof[valid_rows], target)), 4)
+        result.fold_scores[k] = round(task_metric.score(price[valid_rows], to_price(oof[valid_rows], target)), 4)
         result.best_iterations[k] = learner.best_iteration
         result.seconds[k] = round(timer.seconds, 2)
     result.test = test_sum / max(1, len(plan))
@@ -107,10 +112,23 @@ def model_dir_for(store: FeatureStore, learner: str, fingerprint: str) -> Path:
     return store.models_dir(learner) / fingerprint
 
 
-def make_learner(config: Config, name: str, spec: MatrixSpec) -> Callable[[int], BaseLearner]:
-    """Fold k's learner: its own settings section, seed + k, the configured threads."""
-    cls = learner_class(name)
+def task_target(config: Config) -> str:
+    """The transform learners fit: task.target, or under "auto" the one the metric calls for."""
+    return metric(config.task.metric).target if config.task.target == AUTO else config.task.target
+
+
+def resolved_settings(config: Config, name: str) -> Any:
+    """The learner's settings with objective = "auto" replaced by the loss the task's metric calls for."""
     settings = learner_settings(config, name)
+    if getattr(settings, "objective", None) == AUTO:
+        settings = replace(settings, objective=metric(config.task.metric).objective)
+    return settings
+
+
+def make_learner(config: Config, name: str, spec: MatrixSpec) -> Callable[[int], BaseLearner]:
+    """Fold k's learner: its own settings section (objective resolved), seed + k, the configured threads."""
+    cls = learner_class(name)
+    settings = resolved_settings(config, name)
     return lambda k: cls(settings, config.models.seed + k, threads(config), spec.feature_names,
                          spec.categorical_indices)
 
@@ -122,11 +140,14 @@ class TrainedLearner:
 
     model_dir: str  # the fold models + matrix spec, relative to the store
     folds: list[int]
-    fold_smape: dict[str, float]
-    oof_smape: float
+    metric: str  # what fold_scores and oof_score measure (task.metric)
+    fold_scores: dict[str, float]
+    oof_score: float
     best_iterations: dict[str, int | None]
     fold_seconds: dict[str, float]
     objective: str
+    target: str  # the transform it fit
+    sample_weight: str  # the metric's row weights, "none", or "unsupported (unweighted)"
     library_params: dict[str, Any]
     n_features: int
     n_sparse_features: int
@@ -158,7 +179,8 @@ class LearnerBuilder(FeatureBuilder):
 
     def params(self) -> dict[str, Any]:
         m = self.config.models
-        return {"learner": self.name, "target": m.target, "seed": m.seed, "max_categories": m.max_categories,
+        return {"learner": self.name, "metric": self.config.task.metric, "target": task_target(self.config),
+                "seed": m.seed, "max_categories": m.max_categories,
                 "early_stopping_fraction": m.early_stopping_fraction, "settings": asdict(self.settings)}
 
     def code_sources(self) -> tuple[object, ...]:
@@ -199,29 +221,34 @@ class LearnerBuilder(FeatureBuilder):
         price = frame["price"].cast(pl.Float64).fill_null(np.nan).to_numpy()
         groups = frame.select(pl.coalesce("group_id", pl.col("sample_id").cast(pl.String)))["group_id"].to_numpy()
         make = make_learner(self.config, self.name, spec)
-        result = cross_fit(make, x, price, fold, groups, m.target, m.early_stopping_fraction, m.seed, model_dir,
-                           progress=ctx.progress)
+        task_metric, target = metric(self.config.task.metric), task_target(self.config)
+        result = cross_fit(make, x, price, fold, groups, target, m.early_stopping_fraction, m.seed, model_dir,
+                           progress=ctx.progress, task_metric=task_metric)
         spec.save(model_dir / SPEC_FILE)  # last: its presence marks a complete model folder
         output = np.where(fold >= 0, result.oof, np.nan)
         output[fold < 0] = result.test
-        price_pred = to_price(output, m.target)
+        price_pred = to_price(output, target)
         train_rows = fold >= 0
         top = sorted(result.importance.items(), key=lambda kv: -kv[1])[:30]
         record = TrainedLearner(
             model_dir=str(model_dir.relative_to(ctx.store.root)),
-            folds=sorted(result.fold_smape),
-            fold_smape=result.fold_smape,
-            oof_smape=round(smape(price[train_rows], price_pred[train_rows]), 4),
+            metric=task_metric.name,
+            folds=sorted(result.fold_scores),
+            fold_scores=result.fold_scores,
+            oof_score=round(task_metric.score(price[train_rows], price_pred[train_rows]), 4),
             best_iterations=result.best_iterations,
             fold_seconds=result.seconds,
-            objective=getattr(self.settings, "objective", "l2"),
+            objective=getattr(resolved_settings(self.config, self.name), "objective", "l2"),
+            target=target,
+            sample_weight=(task_metric.weights_rule if self.cls.supports_weights or task_metric.weights is None
+                           else "unsupported (unweighted)"),
             library_params=make(0).recorded_params(),
             n_features=len(spec.feature_names),
             n_sparse_features=sum(spec.sparse.values()),
             dropped_columns=spec.dropped,
             importance_top=dict(_readable(ctx.store, top, spec)),
         )
-        log.info("%s: OOF SMAPE %.2f (folds %s)", self.table, record.oof_smape, result.fold_smape)
+        log.info("%s: OOF %s %.2f (folds %s)", self.table, task_metric.name, record.oof_score, result.fold_scores)
         table = frame.select("sample_id", "fold").with_columns(
             pl.Series("pred", output), pl.Series("pred_log", np.log1p(price_pred)), pl.Series("pred_price", price_pred))
         return Built(table, asdict(record))
@@ -255,7 +282,7 @@ def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, 
         learner.load(model_dir / learner.file_pattern.format(fold=k))
         total += learner.predict(x)
     output = total / max(1, len(folds))
-    price_pred = to_price(output, config.models.target)
+    price_pred = to_price(output, task_target(config))
     return frame.select("sample_id").with_columns(
         pl.Series("pred", output), pl.Series("pred_log", np.log1p(price_pred)), pl.Series("pred_price", price_pred))
 

@@ -23,7 +23,7 @@ import numpy as np
 import optuna
 from scipy.optimize import minimize
 
-from models.metrics import smape
+from models.metrics import metric
 
 
 class MetaLearner(ABC):
@@ -31,11 +31,15 @@ class MetaLearner(ABC):
     # A parameter read off held-out curves instead of being searched (LightGBM's round count); None for others.
     curve_param: ClassVar[str | None] = None
 
-    def __init__(self, params: dict[str, Any], n_base: int, seed: int, threads: int = 1) -> None:
+    def __init__(self, params: dict[str, Any], n_base: int, seed: int, threads: int = 1, metric: str = "smape"
+                 ) -> None:
         self.params = params
         self.n_base = n_base  # the first n_base columns are base-learner predictions (log1p price)
         self.seed = seed
         self.threads = threads
+        self.metric = metric  # the task's metric (models.metrics): what `single` picks by
+        # Row weights of the fit rows, from the metric (MAPE: 1/y); None = equal. Set by fit_rows.
+        self.weight_: np.ndarray | None = None
 
     @staticmethod
     def suggest(trial: optuna.Trial) -> dict[str, Any]:
@@ -46,9 +50,11 @@ class MetaLearner(ABC):
             ) -> MetaLearner:
         """Fit; metas with a `curve_param` also record `curves_` (held-out L1 per round, one per valid set)."""
 
-    def fit_rows(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray, valid: list[np.ndarray] | None = None
-                 ) -> MetaLearner:
-        """Fit on `rows` of the whole meta matrix (the stack's calling convention; metas may cache per matrix)."""
+    def fit_rows(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray, valid: list[np.ndarray] | None = None,
+                 weight: np.ndarray | None = None) -> MetaLearner:
+        """Fit on `rows` of the whole meta matrix (the stack's calling convention; metas may cache per matrix).
+        `weight`: row weights of the whole matrix, or None."""
+        self.weight_ = None if weight is None else weight[rows]
         return self.fit(x[rows], y[rows], None if valid is None else [(x[v], y[v]) for v in valid])
 
     @abstractmethod
@@ -86,14 +92,15 @@ class MeanMeta(MetaLearner):
 
 
 class SingleMeta(MetaLearner):
-    """The one base learner with the lowest SMAPE on the fit rows."""
+    """The one base learner with the best score (the task's metric) on the fit rows."""
 
     name = "single"
 
     def fit(self, x: np.ndarray, y: np.ndarray, valid: list[tuple[np.ndarray, np.ndarray]] | None = None
             ) -> MetaLearner:
         price = np.expm1(y)
-        scores = [smape(price, np.expm1(x[:, i])) for i in range(self.n_base)]
+        score = metric(self.metric).score
+        scores = [score(price, np.expm1(x[:, i])) for i in range(self.n_base)]
         self.column_ = int(np.argmin(scores))
         return self
 
@@ -137,13 +144,16 @@ class BlendMeta(MetaLearner):
         delta = float(self.params["delta"])
         convex = bool(self.params["convex"])
 
+        rows = np.full(len(y), 1.0 / len(y)) if self.weight_ is None else self.weight_ / self.weight_.sum()
+
         def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
             w, b = self._weights(theta)
             value, slope = _pseudo_huber(base @ w + b - y, delta)
-            grad_w = base.T @ slope / len(y)
+            slope = slope * rows
+            grad_w = base.T @ slope
             if convex:  # chain rule through the softmax
-                return float(value.mean()), w * (grad_w - w @ grad_w)
-            return float(value.mean()), np.append(grad_w, slope.mean())
+                return float(value @ rows), w * (grad_w - w @ grad_w)
+            return float(value @ rows), np.append(grad_w, slope.sum())
 
         if convex:
             theta0, bounds = np.zeros(self.n_base), None
@@ -185,10 +195,17 @@ class RidgeMeta(MetaLearner):
             scale = np.nan_to_num(np.nanstd(x, axis=0), nan=1.0)
         self.scale = np.where(scale > 1e-9, scale, 1.0)
         z = self._standardise(x)
-        z_mean, y_mean = z.mean(axis=0), float(y.mean())
-        zc = z - z_mean
-        gram = zc.T @ zc + float(self.params["alpha"]) * np.eye(z.shape[1])
-        self.coef = np.linalg.solve(gram, zc.T @ (y - y_mean))
+        if self.weight_ is None:
+            z_mean, y_mean = z.mean(axis=0), float(y.mean())
+            zc = z - z_mean
+            gram = zc.T @ zc + float(self.params["alpha"]) * np.eye(z.shape[1])
+            self.coef = np.linalg.solve(gram, zc.T @ (y - y_mean))
+        else:  # weighted least squares, weights scaled to mean 1 so alpha keeps its meaning
+            w = self.weight_ / self.weight_.mean()
+            z_mean, y_mean = (w @ z) / w.sum(), float(w @ y / w.sum())
+            zc = z - z_mean
+            gram = zc.T @ (zc * w[:, None]) + float(self.params["alpha"]) * np.eye(z.shape[1])
+            self.coef = np.linalg.solve(gram, zc.T @ (w * (y - y_mean)))
         self.intercept = y_mean - float(z_mean @ self.coef)
         return self
 
@@ -242,12 +259,12 @@ class LightGBMMeta(MetaLearner):
         data = lgb.Dataset(x, y, params=DATASET_PARAMS, free_raw_data=True)
         return self._train(data, [lgb.Dataset(vx, vy, reference=data) for vx, vy in (valid or [])])
 
-    def fit_rows(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray, valid: list[np.ndarray] | None = None
-                 ) -> MetaLearner:
+    def fit_rows(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray, valid: list[np.ndarray] | None = None,
+                 weight: np.ndarray | None = None) -> MetaLearner:
         """Subsets of one binned Dataset of the whole matrix: binning (feature values only, no labels) happens
         once per matrix instead of once per fit; 15 fits per candidate made it a third of the cost. Fits use at
         most `max_fit_rows` rows, a seeded subsample drawn without looking at labels."""
-        full = _binned(x, y)
+        full = _binned(x, y, weight)
         rows = np.sort(rows)
         if len(rows) > self.max_fit_rows:
             rows = np.sort(np.random.default_rng(self.seed).choice(rows, self.max_fit_rows, replace=False))
@@ -277,12 +294,14 @@ DATASET_PARAMS = {"max_bin": 63, "feature_pre_filter": False, "verbosity": -1}
 _BINNED: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, lgb.Dataset]] = {}
 
 
-def _binned(x: np.ndarray, y: np.ndarray) -> lgb.Dataset:
+def _binned(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None) -> lgb.Dataset:
     """One binned Dataset per meta matrix and process (rows without a label get 0: they are never in a fit)."""
     key = (id(x), x.shape)
     if key not in _BINNED or _BINNED[key][0] is not x:
         _BINNED.clear()
-        full = lgb.Dataset(x, np.nan_to_num(y, nan=0.0), params=DATASET_PARAMS, free_raw_data=False).construct()
+        w = None if weight is None else np.nan_to_num(weight, nan=0.0)
+        full = lgb.Dataset(x, np.nan_to_num(y, nan=0.0), weight=w, params=DATASET_PARAMS,
+                           free_raw_data=False).construct()
         _BINNED[key] = (x, full)
     return _BINNED[key][1]
 

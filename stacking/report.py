@@ -1,6 +1,7 @@
 """`python cli.py report`: one self-contained HTML page (PNG charts inlined) about the last stack run.
 
-SMAPE of each base learner, the mean blend and the stack (all out of fold); SMAPE by true-price band; GBDT
+The task's metric for each base learner, the mean blend and the stack (all out of fold); the metric by
+true-value band; GBDT
 feature importance (gain, mean over folds); predicted vs true prices of the stack's out-of-fold predictions.
 """
 
@@ -20,7 +21,7 @@ import polars as pl  # noqa: E402
 
 from featurestore.names import PREDICTIONS, STACK_OOF, oof_table  # noqa: E402
 from featurestore.store import FeatureStore, atomic_write  # noqa: E402
-from models.metrics import smape  # noqa: E402
+from models.metrics import metric  # noqa: E402
 from models.train import TrainedLearner  # noqa: E402
 
 GBDTS = ("lgbm", "xgb", "catboost")
@@ -59,17 +60,18 @@ def build_report(store: FeatureStore, out: Path, bands: int = 5) -> Path:
     if info is None or not store.has_table(STACK_OOF):
         raise FileNotFoundError(f"no stack in {store.root}; run `python cli.py stack` first")
     record = info.extra
-    learners = list(record["base_cv_smape"])
+    learners = list(record["learners"])
+    name_of_metric = record["metric"].upper()
+    score = metric(record["metric"]).score
     frame = oof_predictions(store, learners)
     models = [*learners, "stack"]
     price = frame["price"].to_numpy()
 
     scores = pl.DataFrame({"model": [*learners, "mean blend", "stack"],
-                           "cv_smape": [*record["base_cv_smape"].values(), record["mean_blend_cv_smape"],
-                                        record["stack_cv_smape"]]})
+                           "cv": [*record["base_cv"].values(), record["mean_blend_cv"], record["stack_cv"]]})
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.barh(scores["model"].to_list(), scores["cv_smape"].to_list(), color="#4c72b0")
-    ax.set_xlabel("out-of-fold SMAPE (%)")
+    ax.barh(scores["model"].to_list(), scores["cv"].to_list(), color="#4c72b0")
+    ax.set_xlabel(f"out-of-fold {name_of_metric}")
     ax.invert_yaxis()
     score_chart = _png(fig)
 
@@ -79,13 +81,13 @@ def build_report(store: FeatureStore, out: Path, bands: int = 5) -> Path:
                "rows": [int((band == b).sum()) for b in range(bands)]}
     for name in models:
         pred = frame[name].to_numpy()
-        by_band[name] = [smape(price[band == b], pred[band == b]) for b in range(bands)]
+        by_band[name] = [score(price[band == b], pred[band == b]) for b in range(bands)]
     band_table = pl.DataFrame(by_band)
     fig, ax = plt.subplots(figsize=(6, 3))
     for name in models:
         ax.plot(range(bands), band_table[name].to_list(), marker="o", label=name)
     ax.set_xticks(range(bands), band_table["price band"].to_list(), rotation=20, fontsize=7)
-    ax.set_ylabel("SMAPE (%)")
+    ax.set_ylabel(name_of_metric)
     ax.legend(fontsize=7)
     band_chart = _png(fig)
 
@@ -121,8 +123,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}</style></head><bod
 <h1>Stack report</h1>
 <p>{record['train_rows']} training rows, {record['test_rows']} test rows; {record['trials']} Optuna trials;
 nested CV: {record['nested']}. Final meta-learner: {best}.</p>
-<h2>SMAPE per base learner vs the stack (out of fold)</h2>{_table(scores)}{score_chart}
-<h2>SMAPE by true-price band</h2>{_table(band_table)}{band_chart}
+<h2>{name_of_metric} per base learner vs the stack (out of fold)</h2>{_table(scores)}{score_chart}
+<h2>{name_of_metric} by true-price band</h2>{_table(band_table)}{band_chart}
 <h2>GBDT feature importance</h2>{''.join(importance_html) or '<p>no GBDT learner in this stack</p>'}
 <h2>Predicted vs true (stack, out of fold)</h2>{scatter}
 </body></html>"""

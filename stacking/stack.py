@@ -45,11 +45,11 @@ from featurestore.config import Config, ConfigError
 from featurestore.errors import UserError
 from featurestore.fingerprint import code_hash
 from featurestore.folds import n_folds
-from featurestore.names import OOF_PREFIX, PREDICTIONS, STACK_OOF, oof_table
+from featurestore.names import PREDICTIONS, STACK_OOF, learner_of, oof_table
 from featurestore.store import FeatureStore, Timer, atomic_write, quote_ident
 from models.base import threads
 from models.matrix import left_join, query_items
-from models.metrics import smape
+from models.metrics import metric
 from models.train import TrainedLearner
 from stacking.meta import BASELINE_METAS, CANDIDATE_WEIGHTS, MetaLearner, meta_class
 
@@ -68,6 +68,18 @@ class StackInputs:
     x: np.ndarray  # base predictions (log1p price) first, then raw features
     feature_names: list[str]
     n_base: int
+    metric: str = "smape"  # the task's metric: candidates are scored and chosen by it
+
+    @property
+    def weight(self) -> np.ndarray | None:
+        """Row weights the metas fit with (MAPE: 1/y); NaN on test rows (never fitted)."""
+        train = ~np.isnan(self.price)
+        weights = metric(self.metric).fit_weights(self.price[train])
+        if weights is None:
+            return None
+        out = np.full(len(self.price), np.nan)
+        out[train] = weights
+        return out
 
     @property
     def y(self) -> np.ndarray:
@@ -100,16 +112,19 @@ def meta_frame(store: FeatureStore, learners: list[str], raw_features: list[str]
     return query_items(store, select, joins)
 
 
-def stack_inputs(frame: pl.DataFrame, learners: list[str], raw_features: list[str]) -> StackInputs:
+def stack_inputs(frame: pl.DataFrame, learners: list[str], raw_features: list[str], task_metric: str = "smape"
+                 ) -> StackInputs:
     names = [*learners, *raw_features]
     return StackInputs(
         ids=frame["sample_id"].to_numpy(), fold=frame["fold"].to_numpy(),
         price=frame["price"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-        x=frame.select(pl.col(names).cast(pl.Float64)).to_numpy(), feature_names=names, n_base=len(learners))
+        x=frame.select(pl.col(names).cast(pl.Float64)).to_numpy(), feature_names=names, n_base=len(learners),
+        metric=task_metric)
 
 
-def make_meta(name: str, params: dict[str, Any], n_base: int, seed: int) -> MetaLearner:
-    return meta_class(name)(params, n_base, seed, META_THREADS)
+def make_meta(name: str, params: dict[str, Any], n_base: int, seed: int, task_metric: str = "smape"
+              ) -> MetaLearner:
+    return meta_class(name)(params, n_base, seed, META_THREADS, task_metric)
 
 
 # -- evaluating one candidate -------------------------------------------------------------------------------
@@ -122,8 +137,8 @@ class Candidate:
 
 @dataclass
 class Scores:
-    inner: dict[int, float]  # outer fold k -> SMAPE of its inner CV (rows outside fold k)
-    final: float  # SMAPE of the CV over all training rows
+    inner: dict[int, float]  # outer fold k -> the task's metric on its inner CV (rows outside fold k)
+    final: float  # the task's metric on the CV over all training rows
     at: dict[str, int | None]  # curve parameter (LightGBM rounds) per outer fold ("k") and for "final"
 
 
@@ -132,7 +147,8 @@ def _fit(c: Candidate, inputs: StackInputs, rows: np.ndarray, seed: int, valid: 
     params = dict(c.params)
     if at is not None and meta_class(c.meta).curve_param:
         params[meta_class(c.meta).curve_param] = at
-    return make_meta(c.meta, params, inputs.n_base, seed).fit_rows(inputs.x, inputs.y, rows, valid)
+    return make_meta(c.meta, params, inputs.n_base, seed, inputs.metric).fit_rows(inputs.x, inputs.y, rows, valid,
+                                                                                  inputs.weight)
 
 
 def _best_round(curves: list[np.ndarray], weights: list[int]) -> int:
@@ -148,6 +164,7 @@ def evaluate(c: Candidate, inputs: StackInputs, seed: int) -> Scores:
     folds = sorted(set(inputs.fold[train].tolist()))
     rows_of = {k: train[inputs.fold[train] == k] for k in folds}
     curved = meta_class(c.meta).curve_param is not None
+    score = metric(inputs.metric).score
     singles = {a: _fit(c, inputs, train[inputs.fold[train] != a], seed, [rows_of[a]] if curved else None)
                for a in folds}
     pairs = {}
@@ -163,12 +180,12 @@ def evaluate(c: Candidate, inputs: StackInputs, seed: int) -> Scores:
             at[str(k)] = _best_round(curves, [len(rows_of[j]) for j in others])
         pred = np.concatenate([pairs[(k, j)].predict(inputs.x[rows_of[j]], at.get(str(k))) for j in others])
         truth = np.concatenate([inputs.price[rows_of[j]] for j in others])
-        inner[k] = smape(truth, np.expm1(pred))
+        inner[k] = score(truth, np.expm1(pred))
     if curved:
         at["final"] = _best_round([singles[a].curves_[0] for a in folds], [len(rows_of[a]) for a in folds])
     pred = np.concatenate([singles[a].predict(inputs.x[rows_of[a]], at.get("final")) for a in folds])
     truth = np.concatenate([inputs.price[rows_of[a]] for a in folds])
-    return Scores(inner, smape(truth, np.expm1(pred)), at)
+    return Scores(inner, score(truth, np.expm1(pred)), at)
 
 
 _WORKER: dict[str, Any] = {}
@@ -298,12 +315,13 @@ def run_levels(inputs: StackInputs, config: Config, trials: int, storage: optuna
         meta = _fit(chosen, inputs, train_rows[inputs.fold[train_rows] != k], seed, None, at)
         meta_oof[held] = meta.predict(inputs.x[held])
         outer[k] = {"meta": chosen.meta, "params": chosen.params, "candidate": chosen.index,
-                    "inner_cv_smape": round(scores.inner[k], 4), "rounds": at}
+                    "inner_cv": round(scores.inner[k], 4), "rounds": at}
     meta = _fit(final, inputs, train_rows, seed, None, final_scores.at.get("final"))
     test_pred = meta.predict(inputs.x[test_rows]) if len(test_rows) else np.zeros(0)
     price = inputs.price[train_rows]
-    base_smape = {n: round(smape(price, np.expm1(inputs.x[train_rows, i])), 4)
-                  for i, n in enumerate(inputs.feature_names[: inputs.n_base])}
+    score = metric(inputs.metric).score
+    base_cv = {n: round(score(price, np.expm1(inputs.x[train_rows, i])), 4)
+               for i, n in enumerate(inputs.feature_names[: inputs.n_base])}
     mean_blend = np.expm1(inputs.x[train_rows, : inputs.n_base].mean(axis=1))
     final_params = dict(final.params)
     if final_scores.at.get("final") is not None:
@@ -311,10 +329,10 @@ def run_levels(inputs: StackInputs, config: Config, trials: int, storage: optuna
     record = {
         "trials": trials, "candidates": len(done), "nested": config.stacking.nested,
         "metas": list(config.stacking.metas), "best_meta": final.meta, "best_params": final_params,
-        "final_cv_smape": round(final_scores.final, 4),
-        "stack_cv_smape": round(smape(price, np.expm1(meta_oof[train_rows])), 4),
-        "base_cv_smape": base_smape, "best_single_cv_smape": min(base_smape.values()),
-        "mean_blend_cv_smape": round(smape(price, mean_blend), 4),
+        "metric": inputs.metric, "final_cv": round(final_scores.final, 4),
+        "stack_cv": round(score(price, np.expm1(meta_oof[train_rows])), 4),
+        "base_cv": base_cv, "best_single_cv": min(base_cv.values()),
+        "mean_blend_cv": round(score(price, mean_blend), 4),
         "outer_folds": outer, "meta_features": inputs.feature_names, "train_rows": len(train_rows),
         "test_rows": len(test_rows),
     }
@@ -441,7 +459,7 @@ def run_stack(store: FeatureStore, config: Config, trials: int, built: list[Buil
     with Timer() as total:
         learners = list(config.models.learners)
         frame = meta_frame(store, learners, config.stacking.raw_features)
-        inputs = stack_inputs(frame, learners, config.stacking.raw_features)
+        inputs = stack_inputs(frame, learners, config.stacking.raw_features, config.task.metric)
         key = stack_key(store, config)
         with Timer() as timer:
             result = run_levels(inputs, config, trials, journal_storage(store), key, workers=threads(config))
@@ -452,7 +470,7 @@ def run_stack(store: FeatureStore, config: Config, trials: int, built: list[Buil
               "workers": threads(config),
               "learners": learners, "raw_features": list(config.stacking.raw_features),
               "base_learners": {b.table: {"status": b.status, "seconds": round(b.seconds, 2),
-                                          "fold_smape": TrainedLearner.of(store, b.table[len(OOF_PREFIX):]).fold_smape}
+                                          "fold_scores": TrainedLearner.of(store, learner_of(b.table)).fold_scores}
                                 for b in built}}
     meta_path = store.models_dir("stack") / f"{key}.json"
     save_meta(meta_path, result, inputs)
@@ -463,7 +481,8 @@ def run_stack(store: FeatureStore, config: Config, trials: int, built: list[Buil
                               "pred_log": result.meta_oof[train_rows],
                               "pred_price": np.expm1(result.meta_oof[train_rows])})
     store.write(STACK_OOF, stack_oof, builder="Stacker", params={"trials": trials, "key": key},
-                fingerprint=fingerprint, seconds=timer.seconds, extra={"stack_cv_smape": record["stack_cv_smape"]})
+                fingerprint=fingerprint, seconds=timer.seconds,
+                extra={"metric": record["metric"], "stack_cv": record["stack_cv"]})
     price = np.clip(np.expm1(result.test_pred), 0.01, None)
     predictions = pl.DataFrame({"sample_id": inputs.ids[test_rows], "price": price})
     store.write(PREDICTIONS, predictions, builder="Stacker", params={"trials": trials, "key": key},

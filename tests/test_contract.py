@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 
 from featurestore.config import Config
-from models.base import LEARNERS, BaseLearner, Inputs, learner_settings, register
+from models.base import LEARNERS, BaseLearner, Inputs, register
 from models.contract import verify_learner
 from models.registry import learner_class
+from models.train import resolved_settings
 from stacking.meta import METAS
 
 
 def _small(name: str) -> object:
-    settings = copy.deepcopy(learner_settings(Config(), name))
+    settings = copy.deepcopy(resolved_settings(Config(), name))
     for key, value in {"rounds": 40, "early_stopping_rounds": 5, "epochs": 3, "hidden": [8], "members": 2}.items():
         if hasattr(settings, key):
             setattr(settings, key, value)

@@ -110,7 +110,7 @@ def test_every_config_key_is_documented_in_default_toml() -> None:
 
 @pytest.mark.parametrize("body, needle", [
     ('[text_embeddings]\nlong_text = "chnk"\n', "text_embeddings.long_text must be one of truncate, chunk; got 'chnk'"),
-    ('[models.lgbm]\nobjective = "hubr"\n', "models.lgbm.objective must be one of huber, l1, l2; got 'hubr'"),
+    ('[models.lgbm]\nobjective = "hubr"\n', "models.lgbm.objective must be one of auto, huber, l1, l2; got 'hubr'"),
     ('[models]\nlearners = ["lgbm", 3]\n', "models.learners: expected a list of str, got 3"),
     ('[models.mlp]\nhidden = [64, "wide"]\n', "models.mlp.hidden: expected a list of int, got 'wide'"),
 ])

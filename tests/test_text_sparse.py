@@ -21,6 +21,7 @@ from featurestore.sparse import csr_to_frame, frame_to_csr, read_sparse
 from featurestore.store import FeatureStore
 from models.base import Inputs
 from models.registry import learner_class
+from models.train import resolved_settings
 from pipeline.registry import builders_for
 from tests.conftest import ROOT, make_config
 
@@ -90,7 +91,7 @@ def test_sparse_learners_never_densify(tmp_path: Path) -> None:
     config.models.mlp_sparse.hidden = [8]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for name in ("ridge", "mlp_sparse"):
-        settings = getattr(config.models, name)
+        settings = resolved_settings(config, name)
         learner = learner_class(name)(settings, 0, 1, [f"f{i}" for i in range(3 + width)], [])
         learner.fit(x.rows(np.arange(18_000)), y[:18_000], x.rows(np.arange(18_000, n)), y[18_000:])
         assert np.isfinite(learner.predict(x.rows(np.arange(100)))).all()
