@@ -4,8 +4,9 @@ On the 3,402 real rows of `../shared/data/amazon2023/`, through the CLI, twice o
 - `configs/amazon2023_length.toml` as shipped (task.metric = "mape": learners fit L1 on log1p(length) with rows
   weighted 1/y, the stack is chosen by MAPE);
 - the same file with task.metric = "smape" (Huber on log1p, unweighted, stack chosen by SMAPE), scored by MAPE.
-Beside them, two baselines on the same folds: the median length per product type (fitted on the other folds,
-the global median for unseen types) and one global constant (the other folds' median).
+Beside them, baselines on the same folds: the median length per product type (fitted on the other folds, the
+global median for unseen types), one global constant (the other folds' median), and MAPE's own best constant
+(the other folds' 1/y-weighted median).
 
     python3 benchmarks/bench_length.py [--trials 100]
 
@@ -70,6 +71,7 @@ def baselines(store: FeatureStore) -> dict[str, float]:
         store.read("folds"), on="sample_id", how="inner")
     per_type = np.zeros(items.height)
     constant = np.zeros(items.height)
+    weighted = np.zeros(items.height)
     fold = items["fold"].to_numpy()
     for k in sorted(set(fold.tolist())):
         fit = items.filter(pl.col("fold") != k)
@@ -79,9 +81,14 @@ def baselines(store: FeatureStore) -> dict[str, float]:
         types = items["cat_PRODUCT_TYPE_ID"].to_list()
         per_type[rows] = [medians.get(types[i], overall) for i in rows]
         constant[rows] = overall
+        fit_price = np.sort(fit["price"].to_numpy())
+        cumulative = np.cumsum(1.0 / fit_price)
+        weighted[rows] = fit_price[np.searchsorted(cumulative, cumulative[-1] / 2.0)]
     price = items["price"].to_numpy()
     return {"median_per_product_type": round(mape(price, per_type), 4),
-            "global_median": round(mape(price, constant), 4)}
+            "global_median": round(mape(price, constant), 4),
+            # MAPE's own best constant: the 1/y-weighted median of the other folds.
+            "global_weighted_median": round(mape(price, weighted), 4)}
 
 
 def main() -> None:
@@ -110,8 +117,11 @@ def main() -> None:
     results["baselines_cv_mape"] = baselines(stores["mape"])
     tuned = results["runs"]["tuned_for_mape"]["stack_cv_mape"]
     results["leaderboard_score_tuned_for_mape"] = leaderboard_score("mape", tuned)
+    # The issue's bar: beat the median per product type and the same pipeline tuned for SMAPE.
     results["mape_tuned_wins"] = tuned < min(results["runs"]["tuned_for_smape"]["stack_cv_mape"],
-                                             *results["baselines_cv_mape"].values())
+                                             results["baselines_cv_mape"]["median_per_product_type"])
+    # A harder bar, reported beside it: MAPE's own best constant.
+    results["beats_best_constant"] = tuned < results["baselines_cv_mape"]["global_weighted_median"]
     out = ROOT / "benchmarks" / "results" / "length.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
