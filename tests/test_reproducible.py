@@ -54,7 +54,7 @@ def test_two_fresh_builds_are_identical(tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in (stores[0] / "tables").glob("*.parquet"))
-    assert len(names) >= 18 and "predictions.parquet" in names and "knn__image_clip.parquet" in names
+    assert len(names) >= 18 and "predictions.parquet" in names and "knn__image_resnet.parquet" in names
     a, b = (store / "tables" for store in stores)
     differing = [name for name in names if not pl.read_parquet(a / name).equals(pl.read_parquet(b / name))]
     assert differing == []
