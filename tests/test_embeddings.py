@@ -224,3 +224,18 @@ def test_pretrained_image_encoders_find_the_original_of_an_augmented_photo(name:
             tensor.CopyFrom(numpy_helper.from_array(rng.permutation(values.ravel()).reshape(values.shape),
                                                     tensor.name))
     assert _rank1(OnnxImageEncoder(name, threads=2, model=model), originals) < pretrained - 0.25
+
+
+def test_open_clip_runs_random_weights_only_when_asked_for(caplog: pytest.LogCaptureFixture) -> None:
+    """The default once shipped random CLIP weights silently; now an empty `pretrained` is refused and
+    `pretrained = "random"` runs with a loud warning."""
+    from embeddings.images import load_encoder
+    from featurestore.config import load_config
+    from featurestore.errors import UserError
+
+    with pytest.raises(UserError, match="needs images.pretrained"):
+        load_encoder(load_config(None, {"images.encoder": "open_clip", "images.model": "ViT-S-32"}))
+    with caplog.at_level("WARNING"):
+        encoder = load_encoder(load_config(None, {"images.encoder": "open_clip", "images.model": "ViT-S-32",
+                                                  "images.pretrained": "random"}))
+    assert encoder.dim == 384 and "RANDOM weights" in caplog.text
