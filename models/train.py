@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.errors import StaleTable
 from featurestore.folds import fold_plan
 from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
@@ -159,6 +160,10 @@ class TrainedLearner:
         info = store.info(oof_table(learner))
         if info is None:
             raise FileNotFoundError(f"no trained '{learner}' in {store.root}; run `python cli.py train` first")
+        missing = [f.name for f in fields(cls) if f.name not in info.extra]
+        if missing:
+            raise StaleTable(f"{oof_table(learner)} in {store.root} was trained by an older version (its record lacks "
+                             f"{', '.join(missing)}); retrain it: `python cli.py train --learner {learner} --force`")
         return cls(**{f.name: info.extra[f.name] for f in fields(cls)})
 
 
@@ -197,7 +202,9 @@ class LearnerBuilder(FeatureBuilder):
         """Folders of neither this build nor the committed `oof__` row: a crash mid-retrain must leave the
         models that the committed tables (and `predict`) point at, so those are deleted only a build later."""
         info = store.info(self.table)
-        committed = store.root / TrainedLearner.of(store, self.name).model_dir if info is not None else None
+        # Only the folder is read here, not the whole record: a store made by an older version (whose record
+        # lacks newer fields) must still retrain.
+        committed = store.root / info.extra["model_dir"] if info is not None and "model_dir" in info.extra else None
         for old in keep.parent.glob("*"):
             if old not in (keep, committed):
                 shutil.rmtree(old, ignore_errors=True)

@@ -258,3 +258,25 @@ def test_config_mistakes_fail_before_any_training(tmp_path: Path) -> None:
         result = _cli("stack", "--config", str(toml), "--store", str(store), "-q")
         assert result.returncode == 1 and needle in result.stderr and "Traceback" not in result.stderr
         assert time.time() - started < 60 and not store.exists()
+
+
+def test_a_store_made_by_an_older_version_retrains(small_config: Config, tmp_path: Path) -> None:
+    """An `oof__` record written before a field existed must not stop the retrain that replaces it (found when
+    the Mercari benchmark store of an earlier session crashed `train` with a KeyError)."""
+    from models.train import TrainedLearner
+    from pipeline.run import train_learners
+
+    config = small_config
+    config.models.learners = ["ridge"]
+    config.models.ridge.tables = ["catalog"]
+    store = FeatureStore(config.store.dir)
+    _build(config, store)
+    train_learners(config, store, progress=False)
+    info = store.info("oof__ridge")
+    old = {k: v for k, v in info.extra.items() if k not in ("metric", "sample_weight", "target")}
+    store.write("oof__ridge", store.read("oof__ridge"), builder=info.builder, params=info.params,
+                fingerprint="older-version", seconds=0.0, extra=old)
+    with pytest.raises(StaleTable, match="older version"):
+        TrainedLearner.of(store, "ridge")
+    assert [r.status for r in train_learners(config, store, progress=False)] == ["built"]
+    assert TrainedLearner.of(store, "ridge").metric == "smape"
