@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featurestore.store import FeatureStore  # noqa: E402
-from models.metrics import leaderboard_score, mape  # noqa: E402
+from models.metrics import leaderboard_score, mape, weighted_median  # noqa: E402
 
 CONFIG = ROOT / "configs" / "amazon2023_length.toml"
 STORES = ROOT / "benchmarks" / ".stores"
@@ -81,9 +81,8 @@ def baselines(store: FeatureStore) -> dict[str, float]:
         types = items["cat_PRODUCT_TYPE_ID"].to_list()
         per_type[rows] = [medians.get(types[i], overall) for i in rows]
         constant[rows] = overall
-        fit_price = np.sort(fit["price"].to_numpy())
-        cumulative = np.cumsum(1.0 / fit_price)
-        weighted[rows] = fit_price[np.searchsorted(cumulative, cumulative[-1] / 2.0)]
+        fit_price = fit["price"].to_numpy()
+        weighted[rows] = weighted_median(fit_price, 1.0 / fit_price)
     price = items["price"].to_numpy()
     return {"median_per_product_type": round(mape(price, per_type), 4),
             "global_median": round(mape(price, constant), 4),

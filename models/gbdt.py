@@ -18,6 +18,7 @@ import xgboost as xgb
 
 from featurestore.store import atomic_write
 from models.base import BaseLearner, Inputs, check_objective, register
+from models.metrics import weighted_median
 
 # Huber's delta in log-price units: residuals beyond ~1 (a factor of e) count linearly, like SMAPE's bounded loss.
 HUBER_DELTA = 1.0
@@ -26,11 +27,7 @@ HUBER_DELTA = 1.0
 def _start(y: np.ndarray, weight: np.ndarray | None) -> float:
     """Where boosting starts: the (weighted) median of the target, the L1/Huber optimum of a constant. With MAPE's
     1/y weights that is the weighted median, far below the plain one on a skewed target."""
-    if weight is None:
-        return float(np.median(y))
-    order = np.argsort(y, kind="stable")
-    cumulative = np.cumsum(weight[order])
-    return float(y[order][np.searchsorted(cumulative, cumulative[-1] / 2.0)])
+    return float(np.median(y)) if weight is None else weighted_median(y, weight)
 
 
 @register

@@ -63,6 +63,15 @@ def rmsle(true: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.log1p(predicted) - np.log1p(true)) ** 2)))
 
 
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The value where the sorted cumulative weight reaches half: L1's constant optimum under row weights (with
+    weights 1/y, MAPE's best constant)."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2.0)])
+
+
 def _inverse_target(true: np.ndarray) -> np.ndarray:
     """Row weights 1/y, scaled to mean 1 (so learning rates and regularisation keep their meaning)."""
     weight = 1.0 / np.abs(np.asarray(true, dtype=np.float64))

@@ -21,6 +21,7 @@ candidate's scores are stored with its trial, so a rerun after a crash evaluates
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -70,7 +71,7 @@ class StackInputs:
     n_base: int
     metric: str = "smape"  # the task's metric: candidates are scored and chosen by it
 
-    @property
+    @functools.cached_property
     def weight(self) -> np.ndarray | None:
         """Row weights the metas fit with (MAPE: 1/y); NaN on test rows (never fitted)."""
         train = ~np.isnan(self.price)
@@ -81,8 +82,9 @@ class StackInputs:
         out[train] = weights
         return out
 
-    @property
+    @functools.cached_property
     def y(self) -> np.ndarray:
+        """log1p(price), computed once: every one of a study's thousands of fits reads it."""
         return np.log1p(self.price)
 
 
