@@ -18,7 +18,7 @@ import polars as pl
 
 from featurestore.config import Config
 from featurestore.fingerprint import code_hash
-from featurestore.store import FeatureStore, Timer
+from featurestore.store import FeatureStore, Timer, file_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +131,16 @@ def stale_tables(store: FeatureStore, builders: list[FeatureBuilder], tables: se
 
     def visit(name: str) -> None:
         builder = by_table.get(name)
-        if name in expected or builder is None or store.info(name) is None:
+        info = None if name in expected or builder is None else store.info(name)
+        if info is None:
             return
         for upstream in builder.inputs:
             visit(upstream)
         now = fingerprint_inputs(builder, store, expected)
         expected[name] = _hash_inputs(now)
-        info = store.info(name)
-        assert info is not None
         if info.fingerprint != expected[name]:
             stale[name] = _why_changed(info.inputs, now)
-        elif not store.is_fresh(name, info.fingerprint):
+        elif not store.table_path(name).is_file() or file_fingerprint(store.table_path(name)) != info.fingerprint:
             stale[name] = "its file does not match its manifest row (a crash between writing and recording it?)"
 
     for name in sorted(tables):
