@@ -7,25 +7,56 @@ embeddings are mean-pooled and re-normalised.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from embeddings.devices import resolve_device
+from embeddings.onnx_text import OnnxSentenceEncoder, exported_model
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
-from embeddings.text_models import resolve_text_model, table_name
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.errors import UserError
+from featurestore.text_weights import resolve_text_model
+
+
+def table_name(alias: str) -> str:
+    safe = "".join(ch if ch.isalnum() else "_" for ch in alias.split("/")[-1].lower())
+    return f"text_emb__{safe}"
+
+
+def resolve_backend(config: Config) -> str:
+    """torch or one of the ONNX Runtime backends; "auto" = torch on a GPU, onnx_int8 on CPU."""
+    tcfg = config.text_embeddings
+    device = resolve_device(tcfg.device)
+    if tcfg.backend == "auto":
+        return "torch" if device.startswith("cuda") else "onnx_int8"
+    if tcfg.backend != "torch" and device.startswith("cuda"):
+        raise UserError(f"text_embeddings.backend = {tcfg.backend!r} runs on CPU, but device is {device!r}; "
+                        "set backend = \"torch\" (fp16) on a GPU or device = \"cpu\"")
+    return tcfg.backend
 
 
 def load_sentence_model(name: str, config: Config) -> Any:
+    """A model with sentence-transformers' `encode` contract, on the configured device and backend."""
     from sentence_transformers import SentenceTransformer
 
     tcfg = config.text_embeddings
     device = resolve_device(tcfg.device)
-    model = SentenceTransformer(resolve_text_model(name, tcfg.cache_dir), device=device)
+    path = resolve_text_model(name, tcfg.cache_dir)
+    model = SentenceTransformer(path, device=device)
     model.max_seq_length = tcfg.max_seq_length
+    backend = resolve_backend(config)
+    if backend != "torch":
+        if not Path(path).is_dir():
+            raise UserError(f"text_embeddings.backend = {backend!r} exports local weights; {name!r} is not a "
+                            "folder (use the minilm/mpnet aliases, a local folder, or backend = \"torch\")")
+        alias = table_name(name).removeprefix("text_emb__")
+        onnx_path = exported_model(model, alias, Path(path), Path(tcfg.cache_dir).expanduser(), backend)
+        return OnnxSentenceEncoder(model, onnx_path, threads=config.models.threads or os.cpu_count() or 1)
     if device.startswith("cuda"):
         model.half()
     return model
@@ -63,10 +94,15 @@ def encode(model: Any, texts: list[str], batch_size: int, long_text: str) -> np.
     return pooled
 
 
+def _export_name(model: Any) -> str:
+    path = getattr(model, "onnx_path", None)
+    return "" if path is None else f"{path.parent.name}/{path.name}"
+
+
 class TextEmbeddingBuilder(FeatureBuilder):
     version = "1"
     inputs = ("items",)
-    extra_versions = ("torch", "sentence-transformers", "transformers")
+    extra_versions = ("torch", "sentence-transformers", "transformers", "onnxruntime")
 
     def __init__(self, config: Config, model_name: str) -> None:
         self.config = config
@@ -76,7 +112,7 @@ class TextEmbeddingBuilder(FeatureBuilder):
     def params(self) -> dict[str, Any]:
         t = self.config.text_embeddings
         return {"model": self.model_name, "max_seq_length": t.max_seq_length, "long_text": t.long_text,
-                "normalized": True}
+                "normalized": True, "backend": resolve_backend(self.config)}
 
     def build(self, ctx: BuildContext) -> Built:
         tcfg = self.config.text_embeddings
@@ -112,5 +148,8 @@ class TextEmbeddingBuilder(FeatureBuilder):
             raise RuntimeError(f"{self.table}: {out['embedding'].null_count()} rows got no embedding")
         return Built(out, {"dim": out.schema["embedding"].size,
                            "device": resolve_device(self.config.text_embeddings.device),
+                           "backend": resolve_backend(self.config),
+                           # <weights>-<export key>/<file> in the cache: which export made these vectors.
+                           "onnx_export": _export_name(model),
                            "reuse_key": reuse_key(self, self.params()),
                            "rows_reused": 0 if reused is None else reused.height})

@@ -91,6 +91,9 @@ class TextEmbeddingConfig:
     # Rows are written to a resumable part file every this many batches.
     flush_every: int = 16
     device: str = "auto"  # "auto" = CUDA (fp16) when present, else CPU
+    # Who runs the transformer. "auto" = torch (fp16) on a GPU, onnx_int8 on CPU. "onnx" / "onnx_int8" run
+    # ONNX Runtime on CPU (fp32 / dynamic int8 weights), exported once into cache_dir.
+    backend: str = choice("auto", "torch", "onnx", "onnx_int8")
     cache_dir: str = "~/.cache/pricestack"
 
 
@@ -309,7 +312,8 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
     sections = next((f.name for f in known.values() if f.metadata.get("sections")), None)
     for key, value in values.items():
         if key not in known and sections is not None and isinstance(value, dict):
-            getattr(obj, sections)[key] = value  # a plug-in's section, checked against its settings_type on use
+            # A plug-in's section, checked against its settings_type on use; dotted overrides merge into it.
+            getattr(obj, sections).setdefault(key, {}).update(value)
             continue
         if key not in known:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")

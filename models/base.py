@@ -34,10 +34,13 @@ class Inputs:
     # Row weights for fitting (None: all equal). Set from the task's metric (MAPE: 1/y); only learners with
     # `supports_weights` read them.
     weight: np.ndarray | None = None
+    # The items' labelled text (object array of str), for learners with `reads_text` (the fine-tuned regressor).
+    text: np.ndarray | None = None
 
     def rows(self, index: np.ndarray) -> Inputs:
         return Inputs(self.dense[index], None if self.sparse is None else self.sparse[index],
-                      None if self.weight is None else self.weight[index])
+                      None if self.weight is None else self.weight[index],
+                      None if self.text is None else self.text[index])
 
     def __len__(self) -> int:
         return self.dense.shape[0]
@@ -68,6 +71,11 @@ class BaseLearner(ABC):
     settings_type: ClassVar[type | None] = None
     # Whether fitting honours Inputs.weight (the metric's row weights); cross-fitting records it either way.
     supports_weights: ClassVar[bool] = False
+    # Whether it reads the items' text (Inputs.text) rather than, or beside, feature tables.
+    reads_text: ClassVar[bool] = False
+    # Whether a crashed cross-fit resumes at the first fold without a saved model (for learners whose folds take
+    # long; their `save` must be atomic and `load` must restore best_iteration_).
+    resumes_folds: ClassVar[bool] = False
 
     def __init__(self, settings: Any, seed: int, threads: int, feature_names: list[str],
                  categorical: list[int]) -> None:
@@ -145,6 +153,9 @@ class BaseLearner(ABC):
             raise NotFittedError(f"{self.name}: {what} before fit (or load)")
 
     def _check_inputs(self, x: Inputs, where: str) -> None:
+        if self.reads_text and (x.text is None or len(x.text) != x.dense.shape[0]):
+            raise ValueError(f"{self.name} ({where}) reads the item text, but Inputs.text is missing or has another "
+                             "row count than the dense block")
         if x.sparse is not None and not self.reads_sparse:
             raise ValueError(f"{self.name} does not read sparse tables; take text_sparse out of its tables")
         if x.sparse is not None and x.sparse.shape[0] != x.dense.shape[0]:

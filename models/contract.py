@@ -2,7 +2,8 @@
 `check_estimator`, for this project's protocol). `tests/test_contract.py` runs it over the whole registry, so a
 new learner is checked the day it is registered.
 
-Checked on a small synthetic problem (dense block + a sparse block for learners that read sparse input):
+Checked on a small synthetic problem (dense block + a sparse block for learners that read sparse input + short
+texts whose words track the target for learners that read text):
 fit → predictions of the right shape, finite; `predict` before `fit` raises NotFittedError; save → load in a
 fresh instance → identical predictions; the same seed → identical predictions; importance keys ⊆ feature names;
 a learner that does not read sparse input refuses one.
@@ -19,8 +20,10 @@ import scipy.sparse as sp
 
 from models.base import BaseLearner, Inputs, NotFittedError
 
+WORDS = np.array(["cheap", "plain", "small", "basic", "standard", "large", "premium", "deluxe", "luxury"])
 
-def _problem(reads_sparse: bool, seed: int = 0) -> tuple[Inputs, np.ndarray, list[str]]:
+
+def _problem(reads_sparse: bool, seed: int = 0, reads_text: bool = False) -> tuple[Inputs, np.ndarray, list[str]]:
     rng = np.random.default_rng(seed)
     n = 400
     dense = rng.normal(size=(n, 4)).astype(np.float32)
@@ -30,12 +33,16 @@ def _problem(reads_sparse: bool, seed: int = 0) -> tuple[Inputs, np.ndarray, lis
     if sparse is not None:
         y = y + np.asarray(sparse[:, :5].sum(axis=1)).ravel()
     names = [f"d{i}" for i in range(4)] + ([f"s{i}" for i in range(50)] if sparse is not None else [])
-    return Inputs(dense, sparse), y, names
+    text = None
+    if reads_text:  # a word that tracks the target, plus noise words
+        level = np.clip(np.round((y - y.min()) / (np.ptp(y) + 1e-9) * (len(WORDS) - 1)), 0, len(WORDS) - 1)
+        text = np.array([f"{WORDS[int(v)]} item {rng.integers(1000)}" for v in level], dtype=object)
+    return Inputs(dense, sparse, text=text), y, names
 
 
 def verify_learner(cls: type[BaseLearner], settings: Any) -> None:
     """Raise AssertionError naming the broken rule; return None when the learner meets the contract."""
-    x, y, names = _problem(cls.reads_sparse)
+    x, y, names = _problem(cls.reads_sparse, reads_text=cls.reads_text)
     train, watch, test = np.arange(0, 300), np.arange(300, 350), np.arange(350, 400)
 
     def fitted(seed: int) -> BaseLearner:
@@ -61,7 +68,7 @@ def verify_learner(cls: type[BaseLearner], settings: Any) -> None:
     unknown = set(first.importance()) - set(names)
     assert not unknown, f"{cls.name}: importance names {sorted(unknown)[:3]} are not feature names"
     if not cls.reads_sparse:
-        sparse_x, _, sparse_names = _problem(True)
+        sparse_x, _, sparse_names = _problem(True, reads_text=cls.reads_text)
         try:
             cls(settings, 0, 1, sparse_names, []).fit(sparse_x.rows(train), y[train], sparse_x.rows(watch), y[watch])
         except ValueError:

@@ -71,6 +71,13 @@ def query_items(store: FeatureStore, select: list[str], joins: list[str]) -> pl.
     return frame
 
 
+def item_texts(store: FeatureStore, frame: pl.DataFrame) -> np.ndarray:
+    """The items' labelled text in `frame`'s row order (object array), for learners that read text."""
+    texts = store.read("items", columns=["sample_id", "text"])
+    joined = frame.select("sample_id").join(texts, on="sample_id", how="left", maintain_order="left")
+    return joined["text"].fill_null("").to_numpy().astype(object)
+
+
 @dataclass
 class MatrixSpec:
     tables: list[str]

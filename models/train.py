@@ -31,7 +31,15 @@ from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
 from featurestore.store import FeatureStore, Timer
 from models.base import AUTO, BaseLearner, Inputs, learner_settings, threads
-from models.matrix import MatrixSpec, cap_sparse_columns, feature_inputs, fit_spec, load_frame, split_tables
+from models.matrix import (
+    MatrixSpec,
+    cap_sparse_columns,
+    feature_inputs,
+    fit_spec,
+    item_texts,
+    load_frame,
+    split_tables,
+)
 from models.metrics import METRICS, Metric, metric, to_price, to_target
 from models.registry import learner_class, learner_tables, load_plugins
 
@@ -87,14 +95,19 @@ def cross_fit(
     for k, valid_rows, fit_rows in tqdm(plan, desc="folds", disable=not progress):
         with Timer() as timer:
             learner = make(k)
-            if learner.uses_early_stopping:
-                watch = watch_mask(groups[fit_rows], watch_fraction, seed, k)
-                train_rows, watch_rows = fit_rows[~watch], fit_rows[watch]
-                learner.fit(x.rows(train_rows), y[train_rows], x.rows(watch_rows), y[watch_rows])
-            else:
-                learner.fit(x.rows(fit_rows), y[fit_rows])
             path = model_dir / learner.file_pattern.format(fold=k)
-            learner.save(path)
+            if learner.resumes_folds and path.is_file():
+                # A fold saved (atomically) by an interrupted run of this same build: same inputs, same code.
+                log.info("fold %d: resumed from %s", k, path.name)
+                learner = make(k).load(path)
+            else:
+                if learner.uses_early_stopping:
+                    watch = watch_mask(groups[fit_rows], watch_fraction, seed, k)
+                    train_rows, watch_rows = fit_rows[~watch], fit_rows[watch]
+                    learner.fit(x.rows(train_rows), y[train_rows], x.rows(watch_rows), y[watch_rows])
+                else:
+                    learner.fit(x.rows(fit_rows), y[fit_rows])
+                learner.save(path)
             for name, gain in learner.importance().items():
                 importance[name] = importance.get(name, 0.0) + gain / len(plan)
             loaded = make(k).load(path)
@@ -224,6 +237,8 @@ class LearnerBuilder(FeatureBuilder):
         cap_sparse_columns(spec, ctx.store, train["sample_id"].to_numpy(),
                            getattr(self.settings, "max_sparse_columns", 0))
         x = feature_inputs(ctx.store, spec, frame)
+        if self.cls.reads_text:
+            x = replace(x, text=item_texts(ctx.store, frame))
         fold = frame["fold"].to_numpy()
         price = frame["price"].cast(pl.Float64).fill_null(np.nan).to_numpy()
         groups = frame.select(pl.coalesce("group_id", pl.col("sample_id").cast(pl.String)))["group_id"].to_numpy()
@@ -281,6 +296,8 @@ def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, 
     spec = MatrixSpec.load(model_dir / SPEC_FILE)
     frame = load_frame(features, spec.tables).filter(pl.col("split") == "test")
     x = feature_inputs(features, spec, frame)
+    if learner_class(name).reads_text:
+        x = replace(x, text=item_texts(features, frame))
     folds = trained.folds
     make = make_learner(config, name, spec)
     total = np.zeros(frame.height)

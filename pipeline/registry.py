@@ -36,7 +36,7 @@ def _image_embeddings(config: Config) -> list[FeatureBuilder]:
 
 
 def _knn(config: Config) -> list[FeatureBuilder]:
-    from embeddings.text_models import table_name
+    from embeddings.text import table_name
     from features.knn import KnnBuilder
 
     # Spaces whose embedding table this config does not build (no images, a model left out) are skipped.

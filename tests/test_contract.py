@@ -17,7 +17,8 @@ from stacking.meta import METAS
 
 def _small(name: str) -> object:
     settings = copy.deepcopy(resolved_settings(Config(), name))
-    for key, value in {"rounds": 40, "early_stopping_rounds": 5, "epochs": 3, "hidden": [8], "members": 2}.items():
+    for key, value in {"rounds": 40, "early_stopping_rounds": 5, "epochs": 3, "hidden": [8], "members": 2,
+                       "max_seq_length": 16, "batch_size": 64}.items():
         if hasattr(settings, key):
             setattr(settings, key, value)
     return settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,76 @@ def test_open_clip_runs_random_weights_only_when_asked_for(caplog: pytest.LogCap
         encoder = load_encoder(load_config(None, {"images.encoder": "open_clip", "images.model": "ViT-S-32",
                                                   "images.pretrained": "random"}))
     assert encoder.dim == 384 and "RANDOM weights" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx_cache")
+
+
+def test_onnx_backends_agree_with_torch_and_export_once(onnx_cache: Path, real_train: pl.DataFrame) -> None:
+    from embeddings.text import encode, load_sentence_model
+    from featurestore.config import load_config
+
+    texts = real_train["catalog_content"].head(32).to_list()
+    vectors = {}
+    for backend in ("torch", "onnx", "onnx_int8"):
+        config = load_config(None, {"text_embeddings.backend": backend, "text_embeddings.cache_dir": str(onnx_cache),
+                                    "text_embeddings.max_seq_length": 64})
+        vectors[backend] = encode(load_sentence_model("minilm", config), texts, 8, "truncate")
+    fp32 = (vectors["onnx"] * vectors["torch"]).sum(axis=1)
+    int8 = (vectors["onnx_int8"] * vectors["torch"]).sum(axis=1)
+    assert fp32.min() > 0.9999, fp32.min()
+    assert int8.mean() > 0.985 and int8.min() > 0.95, (int8.mean(), int8.min())
+    assert not np.allclose(vectors["onnx_int8"], vectors["torch"], atol=1e-4), "int8 should not be bit-exact fp32"
+    (export,) = list((onnx_cache / "onnx").glob("minilm-*"))
+    report = json.loads((export / "export.json").read_text())
+    assert report["int8_cosine_to_fp32"] > 0.985
+    stamp = (export / "model_int8.onnx").stat().st_mtime_ns
+    config = load_config(None, {"text_embeddings.backend": "onnx_int8", "text_embeddings.cache_dir": str(onnx_cache)})
+    load_sentence_model("minilm", config)
+    assert (export / "model_int8.onnx").stat().st_mtime_ns == stamp, "a cached export was rebuilt"
+
+
+def test_backend_keys_the_table_and_row_reuse(tmp_path: Path, real_train: pl.DataFrame, onnx_cache: Path) -> None:
+    from embeddings.parts import reuse_key
+    from embeddings.text import TextEmbeddingBuilder
+
+    config = _text_config(tmp_path, real_train, rows=8, **{"text_embeddings.backend": "onnx_int8",
+                                                           "text_embeddings.cache_dir": str(onnx_cache)})
+    store = _run(config, ["items", "text_emb"])
+    info = store.info("text_emb__minilm")
+    assert info.params["backend"] == "onnx_int8" and info.extra["onnx_export"].endswith("/model_int8.onnx")
+    torch_config = _text_config(tmp_path, real_train, rows=8, **{"text_embeddings.backend": "torch"})
+    int8_builder, torch_builder = TextEmbeddingBuilder(config, "minilm"), TextEmbeddingBuilder(torch_config, "minilm")
+    assert reuse_key(int8_builder, int8_builder.params()) != reuse_key(torch_builder, torch_builder.params())
+    _run(torch_config, ["items", "text_emb"])
+    again = store.info("text_emb__minilm")
+    assert again.fingerprint != info.fingerprint and again.params["backend"] == "torch"
+    assert again.extra["onnx_export"] == ""
+
+
+def test_a_lossy_int8_export_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Control for the export's own check: an 'int8' model whose weights were damaged must not be cached."""
+    import onnx
+    from onnx import numpy_helper
+
+    import embeddings.onnx_text as onnx_text
+    from embeddings.text import load_sentence_model
+    from featurestore.config import load_config
+
+    def damaged(path: Path, out: Path, exclude: list[str]) -> None:
+        model = onnx.load(str(path))
+        rng = np.random.default_rng(0)
+        for init in model.graph.initializer:
+            values = numpy_helper.to_array(init)
+            if values.dtype == np.float32 and values.ndim == 2:
+                noisy = values + rng.normal(0, values.std() * 2, values.shape).astype(np.float32)
+                init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+        onnx.save(model, str(out))
+
+    monkeypatch.setattr(onnx_text, "_quantize", damaged)
+    config = load_config(None, {"text_embeddings.backend": "onnx_int8", "text_embeddings.cache_dir": str(tmp_path)})
+    with pytest.raises(RuntimeError, match="int8 export keeps mean cosine"):
+        load_sentence_model("minilm", config)
+    assert list((tmp_path / "onnx").iterdir()) == [], "a refused export left files in the cache"

@@ -7,6 +7,7 @@ import copy
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from featurestore.errors import StaleTable
 from featurestore.sparse import sparse_width
 from featurestore.store import FeatureStore
 from models.base import Inputs
-from models.matrix import MatrixSpec, feature_inputs, fit_spec, load_frame, split_tables
+from models.matrix import MatrixSpec, feature_inputs, fit_spec, item_texts, load_frame, split_tables
 from models.metrics import smape
 from models.registry import LEARNERS, learner_class
 from models.train import cross_fit, make_learner, predict_saved
@@ -41,6 +42,7 @@ FAST = {
     "models.lgbm_text.rounds": 60, "models.lgbm_text.early_stopping_rounds": 10,
     "models.mlp.epochs": 4, "models.mlp.hidden": [16], "models.mlp.early_stopping_epochs": 2,
     "models.mlp_sparse.epochs": 3, "models.mlp_sparse.hidden": [16, 8],
+    "models.finetune.max_seq_length": 32, "models.finetune.epochs": 2, "models.finetune.batch_size": 16,
     **{f"models.{n}.tables": ["catalog", "target_enc"] for n in ("lgbm", "xgb", "catboost")},
     **{f"models.{n}.tables": ["catalog", "target_enc", "text_sparse"] for n in ("mlp", "ridge", "lgbm_text",
                                                                                  "mlp_sparse")},
@@ -83,6 +85,8 @@ def test_permuting_fold_k_targets_leaves_fold_k_oof_unchanged(name: str, stacked
     config, store, _ = stacked
     tables = SPARSE_READERS if learner_class(name).reads_sparse else ["catalog", "target_enc"]
     x, frame, spec = _matrix(store, tables)
+    if learner_class(name).reads_text:
+        x = replace(x, text=item_texts(store, frame))
     fold = frame["fold"].to_numpy()
     price = frame["price"].cast(pl.Float64).fill_null(np.nan).to_numpy()
     ids = frame["sample_id"].cast(pl.String).to_numpy()

