@@ -65,7 +65,7 @@ class _Regressor(nn.Module):
         self.head = nn.Linear(dim, 1)
         nn.init.zeros_(self.head.weight)
 
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: dict[str, Any]) -> torch.Tensor:
         return self.head(self.body(features)["sentence_embedding"]).squeeze(-1)
 
 
@@ -89,7 +89,7 @@ class FinetuneLearner(BaseLearner):
 
     def _build(self, device: str) -> _Regressor:
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.models import Normalize
+        from sentence_transformers.sentence_transformer.modules import Normalize
 
         s = self.settings
         if s.tables:
@@ -102,9 +102,10 @@ class FinetuneLearner(BaseLearner):
         dim_of = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
         return _Regressor(body, dim_of()).to(device)
 
-    def _features(self, model: _Regressor, texts: list[str], device: str) -> dict[str, torch.Tensor]:
-        tokens = model.body.tokenize(texts)
-        return {key: value.to(device) for key, value in tokens.items()}
+    def _features(self, model: _Regressor, texts: list[str], device: str) -> dict[str, Any]:
+        tokens = model.body.preprocess(texts)
+        # Tensors move to the device; the rest (sentence-transformers 6 adds a "modality" tag) passes as is.
+        return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in tokens.items()}
 
     def _loss(self) -> nn.Module:
         objective = check_objective(self.name, self.settings.objective)
