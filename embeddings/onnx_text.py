@@ -14,10 +14,14 @@ the ONNX token embeddings, so every model keeps its pooling mode.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from featurestore.store import file_sha256
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx", "onnx_int8")
 # Bump when the export recipe changes: every cached export is then rebuilt.
@@ -151,6 +157,21 @@ def _quantize_checked(st_model: Any, fp32: Path, out: Path, name: str) -> dict[s
                        f"(< {MIN_INT8_COSINE}); use text_embeddings.backend = \"onnx\" for this model")
 
 
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    """The tracer's and quantiser's advice (TracerWarning, "consider pre-processing", logged on the root logger)
+    is about their general use, not this recipe, whose result is checked; keep it out of the user's output."""
+    root = logging.getLogger()
+    drop_root_warnings = logging.Filter("pricestack.never")  # passes nothing logged on the root logger itself
+    root.addFilter(drop_root_warnings)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeFilter(drop_root_warnings)
+
+
 def exported_model(st_model: Any, name: str, model_dir: Path, cache_dir: Path, backend: str) -> Path:
     """The cached ONNX file for this model and backend, exported on first use (atomically: a folder rename)."""
     if backend not in BACKENDS[1:]:
@@ -163,11 +184,13 @@ def exported_model(st_model: Any, name: str, model_dir: Path, cache_dir: Path, b
     staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    log.info("exporting %s to ONNX (once; cached in %s)", name, target)
     try:
-        _export_fp32(st_model, staging / "raw.onnx")
-        _fuse(staging / "raw.onnx", staging / "model.onnx", st_model)
-        (staging / "raw.onnx").unlink()
-        report = _quantize_checked(st_model, staging / "model.onnx", staging / "model_int8.onnx", name)
+        with _quietly():
+            _export_fp32(st_model, staging / "raw.onnx")
+            _fuse(staging / "raw.onnx", staging / "model.onnx", st_model)
+            (staging / "raw.onnx").unlink()
+            report = _quantize_checked(st_model, staging / "model.onnx", staging / "model_int8.onnx", name)
         (staging / "export.json").write_text(json.dumps({"key": key, **report}, indent=1))
         try:
             staging.rename(target)
