@@ -160,7 +160,8 @@ def transform(spec: MatrixSpec, frame: pl.DataFrame) -> np.ndarray:
             raise ValueError(f"{column}: expected {dim}-dim vectors, got shape {matrix.shape}")
         blocks.append(matrix)
     if not blocks:
-        if spec.sparse:  # a purely sparse feature set: an empty dense block
+        # A purely sparse feature set, or none at all (a learner that reads only the item text): an empty block.
+        if spec.sparse or not spec.tables:
             return np.zeros((frame.height, 0), dtype=np.float32)
         raise ValueError(f"tables {spec.tables} hold no usable feature columns")
     return np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)

@@ -227,6 +227,8 @@ class LearnerBuilder(FeatureBuilder):
         model_dir = model_dir_for(ctx.store, self.name, ctx.fingerprint)
         self._remove_stale_models(ctx.store, model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
+        if not self.tables and not self.cls.reads_text:
+            raise ValueError(f"learner {self.name} has no feature tables; list some in models.{self.name}.tables")
         _, sparse_tables = split_tables(ctx.store, self.tables)
         if sparse_tables and not self.cls.reads_sparse:
             raise ValueError(f"learner {self.name} does not read sparse tables; take {sparse_tables} out of "
