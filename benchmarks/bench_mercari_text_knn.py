@@ -2,12 +2,16 @@
 
 Works in a hard-linked copy of the Mercari store that `bench_stack.py` trained and stacked: builds
 `text_emb__minilm` (the default CPU backend, ONNX Runtime int8) and `knn__text_minilm` over all train + test
-texts, adds the kNN table to the tables of `lgbm` and `ridge` (the other learners are reused as trained), retrains
-those two and re-runs `stack --trials N`, through the same pipeline functions the CLI calls. Compares CV SMAPE per
+texts, adds the kNN table to the tables of the `--with-knn` learners (the others are reused as trained), retrains
+those and re-runs `stack --trials N`, through the same pipeline functions the CLI calls. Compares CV SMAPE per
 learner and for the stack with the store's own run on the same seller-grouped folds, and times every step.
 Results: benchmarks/results/mercari_text_knn.json.
 
     python3 benchmarks/bench_mercari_text_knn.py [--trials 200] [--work /tmp/store_mercari_knn]
+        [--with-knn lgbm ridge lgbm_text] [--keep-work]
+
+--keep-work goes on in an existing work store (its embeddings and already-trained learners are reused by
+fingerprint; the build seconds then cover only what was rebuilt).
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ def main() -> None:
                         help="the Mercari store bench_stack.py trained and stacked")
     parser.add_argument("--work", type=Path, default=Path("/tmp/store_mercari_knn"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mercari_text_knn.json")
+    parser.add_argument("--with-knn", nargs="+", default=["lgbm", "ridge", "lgbm_text"],
+                        help="learners whose tables gain the kNN table")
+    parser.add_argument("--keep-work", action="store_true", help="go on in an existing --work store")
     args = parser.parse_args()
     os.chdir(ROOT)
     base_config = load_config(ROOT / "configs/mercari.toml", {"store.dir": str(args.base)})
@@ -67,8 +74,9 @@ def main() -> None:
     before = scores(base, learners)
     print("store's own run", before, flush=True)
 
-    linked_copy(base.root, args.work)
-    tables = {name: list(getattr(base_config.models, name).tables) for name in ("lgbm", "ridge")}
+    if not (args.keep_work and args.work.exists()):
+        linked_copy(base.root, args.work)
+    tables = {name: list(getattr(base_config.models, name).tables) for name in args.with_knn}
     config = load_config(ROOT / "configs/mercari.toml", {
         "store.dir": str(args.work),
         "builders": [*base_config.builders, "text_emb", "knn"],

@@ -8,6 +8,7 @@ training rows. Saved as safetensors (coefficients, intercept, scaling), never pi
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,11 @@ class RidgeLearner(BaseLearner):
         return Inputs(dense, x.sparse).combined() if x.sparse is not None else sp.csr_matrix(dense)
 
     def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
-        with np.errstate(all="ignore"):
+        # A column with no value in the fold's training rows (all NaN) is expected, not an error: it gets
+        # mean 0 / scale 1 below, so numpy's "empty slice" warnings are silenced for these two calls only.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+            warnings.filterwarnings("ignore", "Degrees of freedom <= 0", RuntimeWarning)
             mean = np.nan_to_num(np.nanmean(train.dense, axis=0))
             scale = np.nan_to_num(np.nanstd(train.dense, axis=0), nan=1.0)
         self.mean_ = mean.astype(np.float32)
