@@ -140,11 +140,16 @@ class BlendMeta(MetaLearner):
 
     def fit(self, x: np.ndarray, y: np.ndarray, valid: list[tuple[np.ndarray, np.ndarray]] | None = None
             ) -> MetaLearner:
-        base = np.ascontiguousarray(x[:, : self.n_base])
         delta = float(self.params["delta"])
         convex = bool(self.params["convex"])
-
         rows = np.full(len(y), 1.0 / len(y)) if self.weight_ is None else self.weight_ / self.weight_.sum()
+        # With a free intercept the columns are centred: base predictions all sit near the mean log price (~3 on
+        # Mercari), so on raw columns the intercept and the weights move together and L-BFGS-B stalled after a
+        # few steps on 7 correlated learners (a superset of learners then fitted *worse* in-sample than its
+        # subset; 36.83 vs 36.63 CV SMAPE). Centred, the fit reaches the optimum (36.58). The weights keep their
+        # meaning and the intercept is mapped back below. A convex blend has no intercept: nothing to decouple.
+        centre = np.zeros(self.n_base) if convex else rows @ x[:, : self.n_base]
+        base = np.ascontiguousarray(x[:, : self.n_base] - centre)
 
         def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
             w, b = self._weights(theta)
@@ -158,10 +163,11 @@ class BlendMeta(MetaLearner):
         if convex:
             theta0, bounds = np.zeros(self.n_base), None
         else:
-            theta0 = np.append(np.full(self.n_base, 1.0 / self.n_base), 0.0)
+            theta0 = np.append(np.full(self.n_base, 1.0 / self.n_base), float(rows @ y))
             bounds = [(0.0, None)] * self.n_base + [(None, None)]
         result = minimize(loss, theta0, jac=True, method="L-BFGS-B", bounds=bounds)
-        self.weights, self.intercept = self._weights(result.x)
+        self.weights, intercept = self._weights(result.x)
+        self.intercept = intercept - float(centre @ self.weights)
         return self
 
     def predict(self, x: np.ndarray, at: int | None = None) -> np.ndarray:
