@@ -11,6 +11,7 @@ by `name`, refusing duplicates.
 
 from __future__ import annotations
 
+import copy
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ class BaseLearner(ABC):
     # Whether a crashed cross-fit resumes at the first fold without a saved model (for learners whose folds take
     # long; their `save` must be atomic and `load` must restore best_iteration_).
     resumes_folds: ClassVar[bool] = False
+    # A variant's base learner: `[models.<name>] learner = "<base>"` makes a second, independently configured
+    # copy of a learner (models.registry.register_variant); its settings start from the base's section.
+    variant_of: ClassVar[str | None] = None
 
     def __init__(self, settings: Any, seed: int, threads: int, feature_names: list[str],
                  categorical: list[int]) -> None:
@@ -168,6 +172,8 @@ class BaseLearner(ABC):
 
 
 LEARNERS: dict[str, type[BaseLearner]] = {}
+# The key of a `[models.<name>]` section that makes <name> a variant of another learner.
+VARIANT_KEY = "learner"
 
 
 def register(cls: type[BaseLearner]) -> type[BaseLearner]:
@@ -186,6 +192,11 @@ def learner_settings(config: Config, name: str) -> Any:
     """The `[models.<name>]` section, the one place settings are looked up: a built-in section of the config,
     or a plug-in's raw section validated into its class's `settings_type`."""
     settings = getattr(config.models, name, None)
+    base = LEARNERS[name].variant_of if name in LEARNERS else None
+    if settings is None and base is not None and name in config.models.plugin_settings:
+        # A variant: the base learner's resolved section, then the variant's own keys (validated the same way).
+        raw = {k: v for k, v in config.models.plugin_settings[name].items() if k != VARIANT_KEY}
+        return apply_settings(copy.deepcopy(learner_settings(config, base)), raw, f"models.{name}")
     if settings is None and name in LEARNERS and LEARNERS[name].settings_type is not None:
         raw = config.models.plugin_settings.get(name, {})
         settings = apply_settings(LEARNERS[name].settings_type(), raw, f"models.{name}")  # type: ignore[misc]

@@ -12,7 +12,7 @@ import pkgutil
 from pathlib import Path
 
 from featurestore.config import Config, ConfigError
-from models.base import LEARNERS, BaseLearner, learner_settings
+from models.base import LEARNERS, VARIANT_KEY, BaseLearner, learner_settings, register
 
 # Modules of models/ that hold the protocol and the machinery, not learners.
 _NOT_LEARNERS = {"base", "contract", "matrix", "metrics", "registry", "train"}
@@ -23,17 +23,42 @@ for _info in pkgutil.iter_modules([str(Path(__file__).parent)]):
 
 
 def load_plugins(config: Config) -> None:
-    """Import `models.plugins` and check that every plug-in `[models.<name>]` section names a learner."""
+    """Import `models.plugins`, register the variants (`[models.<name>] learner = "<base>"`), and check that every
+    other plug-in `[models.<name>]` section names a learner."""
     for module in config.models.plugins:
         try:
             importlib.import_module(module)
         except ImportError as exc:
             raise ConfigError(f"models.plugins: cannot import {module!r} ({exc}); give an import path such as "
                               "'my_package.my_learner'") from exc
+    for name, raw in config.models.plugin_settings.items():
+        if VARIANT_KEY in raw:
+            register_variant(name, raw[VARIANT_KEY])
     unknown = sorted(set(config.models.plugin_settings) - set(LEARNERS))
     if unknown:
         raise ConfigError(f"[models.{unknown[0]}]: no learner of that name is registered (known: "
                           f"{', '.join(sorted(LEARNERS))}); check the name or add its module to models.plugins")
+
+
+def register_variant(name: str, base: object) -> type[BaseLearner]:
+    """A second copy of learner `base` under `name`: its own settings section (starting from the base's), its own
+    `oof__<name>` table and model folder, so e.g. ridge with and without the kNN tables stack side by side.
+    Registering the same variant again (another config in the process) returns the class made the first time."""
+    where = f"[models.{name}] {VARIANT_KEY}"
+    if not isinstance(base, str) or base not in LEARNERS:
+        raise ConfigError(f"{where} = {base!r}: no learner of that name (known: {', '.join(sorted(LEARNERS))})")
+    existing = LEARNERS.get(name)
+    if existing is not None:
+        if existing.variant_of == base:
+            return existing
+        what = f"a variant of {existing.variant_of!r}" if existing.variant_of else "a registered learner"
+        raise ConfigError(f"{where} = {base!r}: {name!r} is already {what}; give the variant another name, "
+                          f"e.g. [models.{base}_2]")
+    parent = LEARNERS[base]
+    variant = type(f"{parent.__name__}_{name}", (parent,), {
+        "name": name, "variant_of": base, "__module__": parent.__module__,
+        "__doc__": f"`{name}`: a variant of `{base}` with its own [models.{name}] settings."})
+    return register(variant)
 
 
 def learner_class(name: str) -> type[BaseLearner]:

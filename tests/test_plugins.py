@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
 from featurestore.config import ConfigError, load_config
 from models.base import learner_settings
 from models.contract import verify_learner
-from models.registry import load_plugins
+from models.registry import learner_class, load_plugins
 from tests.conftest import ROOT, SAMPLE
 
 FAST = ('builders = ["items", "folds", "catalog"]\n[catalog]\nuse_spacy = false\n[folds]\nk = 4\nprice_bands = 4\n'
@@ -45,7 +46,9 @@ def test_a_plugin_learner_trains_and_stacks_through_the_cli(tmp_path: Path) -> N
     pl.read_parquet(SAMPLE / "train.parquet").head(80).write_parquet(train)
     pl.read_parquet(SAMPLE / "test.parquet").head(20).write_parquet(test)
     config = tmp_path / "c.toml"
-    config.write_text(FAST)
+    # Plus a variant of a built-in learner: its own section, its own oof table, stacked beside its base.
+    config.write_text(FAST.replace('learners = ["toy", "ridge"]', 'learners = ["toy", "ridge", "ridge_strong"]')
+                      + '[models.ridge_strong]\nlearner = "ridge"\nalpha = 300.0\n')
     common = ["--config", str(config), "--store", str(tmp_path / "s")]
 
     def cli(*args: str) -> str:
@@ -57,6 +60,36 @@ def test_a_plugin_learner_trains_and_stacks_through_the_cli(tmp_path: Path) -> N
     cli("build-features", "--train", str(train), "--test", str(test))
     assert "oof__toy" in cli("train", "--learner", "toy")
     stacked = cli("stack", "--trials", "3")
-    assert "toy" in stacked and "stack" in stacked
+    assert "toy" in stacked and "ridge_strong" in stacked and "stack" in stacked
+    tables = tmp_path / "s" / "tables"
+    ridge, strong = (pl.read_parquet(tables / f"oof__{n}.parquet") for n in ("ridge", "ridge_strong"))
+    assert not np.allclose(ridge["pred"].to_numpy(), strong["pred"].to_numpy())  # alpha reached the variant
     oof = pl.read_parquet(tmp_path / "s" / "tables" / "oof__toy.parquet")
     assert oof.filter(pl.col("fold") >= 0)["pred"].is_finite().all() and oof.height == 100
+
+
+def test_a_variant_copies_its_base_learners_section_and_is_validated(tmp_path: Path) -> None:
+    """`[models.<name>] learner = "<base>"`: the base's resolved section, then the variant's own keys."""
+    path = tmp_path / "c.toml"
+    variant = '[models.ridge_strong]\nlearner = "ridge"\nalpha = 300.0\n'
+    ridge = '[models.ridge]\ntables = ["catalog"]'
+    path.write_text(FAST.replace(ridge, ridge + "\nclip = 2.0") + variant)
+    config = load_config(path)
+    load_plugins(config)
+    settings = learner_settings(config, "ridge_strong")
+    assert (settings.tables, settings.clip, settings.alpha) == (["catalog"], 2.0, 300.0)
+    assert learner_settings(config, "ridge").alpha != 300.0  # the base's own section is untouched
+    assert learner_class("ridge_strong").variant_of == "ridge"
+    verify_learner(learner_class("ridge_strong"), settings)
+    for text, message in ((variant.replace("alpha", "alhpa"), "models.ridge_strong: unknown key 'alhpa'"),
+                          (variant.replace('"ridge"', '"rigde"'), r"learner = 'rigde': no learner of that name"),
+                          ('[models.lgbm_text]\nlearner = "ridge"\n', "models.lgbm_text: unknown key 'learner'"),
+                          (variant.replace('"ridge"', '"lgbm"'), "'ridge_strong' is already a variant of 'ridge'")):
+        path.write_text(FAST + text)
+        with pytest.raises(ConfigError, match=message):
+            broken = load_config(path)
+            load_plugins(broken)
+            learner_settings(broken, "ridge_strong")
+    path.write_text(FAST.replace("shrink = 3.0", 'shrink = 3.0\nlearner = "ridge"'))  # a plug-in's own name
+    with pytest.raises(ConfigError, match="'toy' is already a registered learner"):
+        load_plugins(load_config(path))
