@@ -117,9 +117,17 @@ def autogluon(python: str, store_dir: Path, config_path: Path, budget_s: float) 
 def corpus(name: str, config_path: Path, store_dir: Path, trials: int, ag_python: str | None,
            copy_from: Path | None, earlier: dict | None = None) -> dict:
     """`earlier` (--stack-only): this benchmark's previous result for the corpus, whose trained learners are
-    still in `store_dir`; only `stack` and the kill -9 check run again, the learner figures are carried over."""
+    still in `store_dir`; their figures are carried over, configured learners without figures (added since) are
+    trained, and `stack` and the kill -9 check run again."""
     if earlier is not None:
-        return stack_part(name, config_path, store_dir, trials, earlier["base_learners"], earlier)
+        common = ["--config", str(config_path), "--store", str(store_dir)]
+        config = load_config(config_path, {"store.dir": str(store_dir)})
+        learners = {k: v for k, v in earlier["base_learners"].items() if k in config.models.learners}
+        for learner in config.models.learners:
+            if learner not in learners:
+                learners[learner] = train_learner(common, store_dir, learner)
+                print(name, learner, learners[learner], flush=True)
+        return stack_part(name, config_path, store_dir, trials, learners, earlier)
     if copy_from is not None:
         shutil.rmtree(store_dir, ignore_errors=True)
         shutil.copytree(copy_from, store_dir)
@@ -130,15 +138,19 @@ def corpus(name: str, config_path: Path, store_dir: Path, trials: int, ag_python
     config = load_config(config_path, {"store.dir": str(store_dir)})
     learners: dict[str, dict] = {}
     for learner in config.models.learners:
-        wall, peak = timed_cli("train", *common, "--learner", learner)
-        extra = FeatureStore(store_dir).info(f"oof__{learner}").extra  # type: ignore[union-attr]
-        learners[learner] = {"cv_smape": extra["oof_score"], "train_wall_seconds": wall, "peak_rss_mib": peak}
+        learners[learner] = train_learner(common, store_dir, learner)
         print(name, learner, learners[learner], flush=True)
     out = stack_part(name, config_path, store_dir, trials, learners, {"build_features_seconds": features_s})
     if ag_python:
         out["autogluon"] = autogluon(ag_python, store_dir, config_path, out["stack_wall_seconds_learners_trained"])
         print(name, "autogluon", json.dumps(out["autogluon"]), flush=True)
     return out
+
+
+def train_learner(common: list[str], store_dir: Path, learner: str) -> dict:
+    wall, peak = timed_cli("train", *common, "--learner", learner)
+    extra = FeatureStore(store_dir).info(f"oof__{learner}").extra  # type: ignore[union-attr]
+    return {"cv_smape": extra["oof_score"], "train_wall_seconds": wall, "peak_rss_mib": peak}
 
 
 def stack_part(name: str, config_path: Path, store_dir: Path, trials: int, learners: dict, earlier: dict) -> dict:
@@ -173,8 +185,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["mercari", "amazon"], default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stack.json")
     parser.add_argument("--stack-only", action="store_true",
-                        help="reuse the learners this benchmark trained last time (its stores and results); rerun "
-                             "only `stack` and the kill -9 check")
+                        help="reuse the learners this benchmark trained last time (its stores and results); train "
+                             "only configured learners it has no figures for, rerun `stack` and the kill -9 check")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results["cpus"] = os.cpu_count()
