@@ -119,9 +119,9 @@ def corpus(name: str, config_path: Path, store_dir: Path, trials: int, ag_python
     """`earlier` (--stack-only): this benchmark's previous result for the corpus, whose trained learners are
     still in `store_dir`; their figures are carried over, configured learners without figures (added since) are
     trained, and `stack` and the kill -9 check run again."""
+    common = ["--config", str(config_path), "--store", str(store_dir)]
+    config = load_config(config_path, {"store.dir": str(store_dir)})
     if earlier is not None:
-        common = ["--config", str(config_path), "--store", str(store_dir)]
-        config = load_config(config_path, {"store.dir": str(store_dir)})
         learners = {k: v for k, v in earlier["base_learners"].items() if k in config.models.learners}
         for learner in config.models.learners:
             if learner not in learners:
@@ -132,10 +132,8 @@ def corpus(name: str, config_path: Path, store_dir: Path, trials: int, ag_python
         shutil.rmtree(store_dir, ignore_errors=True)
         shutil.copytree(copy_from, store_dir)
         FeatureStore(store_dir).refresh_views()
-    common = ["--config", str(config_path), "--store", str(store_dir)]
     features_s = cli("build-features", *common)
     reset_models(store_dir)
-    config = load_config(config_path, {"store.dir": str(store_dir)})
     learners: dict[str, dict] = {}
     for learner in config.models.learners:
         learners[learner] = train_learner(common, store_dir, learner)

@@ -64,7 +64,7 @@ def test_a_plugin_learner_trains_and_stacks_through_the_cli(tmp_path: Path) -> N
     tables = tmp_path / "s" / "tables"
     ridge, strong = (pl.read_parquet(tables / f"oof__{n}.parquet") for n in ("ridge", "ridge_strong"))
     assert not np.allclose(ridge["pred"].to_numpy(), strong["pred"].to_numpy())  # alpha reached the variant
-    oof = pl.read_parquet(tmp_path / "s" / "tables" / "oof__toy.parquet")
+    oof = pl.read_parquet(tables / "oof__toy.parquet")
     assert oof.filter(pl.col("fold") >= 0)["pred"].is_finite().all() and oof.height == 100
 
 
