@@ -32,7 +32,14 @@ DEFAULT_CONFIG = Path("configs/default.toml")
 # raise their own classes for the same kind of thing (a corrupt Parquet file, bad LightGBM params, a query
 # error). Anything else keeps its traceback; `--debug` keeps it for these too.
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, RuntimeError)
-KNOWN_LIBRARIES = ("polars", "pyarrow", "duckdb", "lightgbm", "xgboost", "catboost", "optuna", "torch", "PIL")
+# Libraries' own error base classes, matched by class (a DuckDB error's class lives in `_duckdb`, which a match on
+# module names missed: `sql` with a table-name typo printed a 30-line traceback). Looked up only in libraries this
+# process imported: one that was never imported raised nothing.
+LIBRARY_ERRORS = (("duckdb", "Error"), ("polars.exceptions", "PolarsError"), ("pyarrow", "ArrowException"),
+                  ("lightgbm.basic", "LightGBMError"), ("xgboost.core", "XGBoostError"), ("catboost", "CatBoostError"),
+                  ("optuna.exceptions", "OptunaError"), ("PIL", "UnidentifiedImageError"))
+# onnxruntime's errors (Fail, InvalidArgument, NoSuchFile, ...) share no base class but their module.
+KNOWN_LIBRARIES = ("onnxruntime",)
 _debug = False
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config (default: configs/default.toml)")]
@@ -171,19 +178,15 @@ def sql(
     """Run read-only SQL over the feature store (every table is a view; no other file is reachable)."""
     import polars as pl
 
-    from sql.readonly import run_query
+    from sql.readonly import export_query, run_query
 
     if out is not None:
         _out_path(out, force)
     _, fs = _setup(config, {"store.dir": store}, True)
-    result = run_query(fs, query)
     if out is not None:
-        from featurestore.store import atomic_write
-
-        atomic_write(out, (lambda tmp: result.write_csv(tmp)) if out.suffix == ".csv" else
-                     (lambda tmp: result.write_parquet(tmp)))
-        typer.echo(f"wrote {result.height} rows to {out}")
+        typer.echo(f"wrote {export_query(fs, query, out)} rows to {out}")
         return
+    result = run_query(fs, query, limit=limit)
     with pl.Config(tbl_rows=limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160):
         typer.echo(result)
 
@@ -279,17 +282,42 @@ def report(
     typer.echo(f"report: {path}")
 
 
+def _library_errors() -> tuple[type[BaseException], ...]:
+    found = []
+    for module, name in LIBRARY_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
 def _is_known(exc: BaseException) -> bool:
-    return isinstance(exc, KNOWN_ERRORS) or type(exc).__module__.split(".")[0] in KNOWN_LIBRARIES
+    return (isinstance(exc, KNOWN_ERRORS + _library_errors())
+            or type(exc).__module__.split(".")[0] in KNOWN_LIBRARIES)
+
+
+# Usage errors: click's own, and the copy of click that typer >= 0.20 vendors (a missing `--input` raised
+# typer._click's MissingParameter, which `click.ClickException` did not catch: a 54-line traceback).
+USAGE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {click.ClickException, getattr(getattr(typer, "_click", None), "ClickException", click.ClickException)})
+
+ABORTS: tuple[type[BaseException], ...] = tuple({click.exceptions.Abort, getattr(typer.exceptions, "Abort",
+                                                                                 click.exceptions.Abort)})
 
 
 def main(argv: list[str] | None = None) -> int:
     """The one error boundary: a known error is one red line and exit 1; `--debug` re-raises it."""
     try:
         result = app(args=argv, standalone_mode=False)
-    except click.ClickException as exc:  # usage errors: click's own message and exit code 2
-        exc.show()
-        return exc.exit_code
+    except USAGE_ERRORS as exc:  # usage errors: one line naming the option, exit code 2
+        ctx = getattr(exc, "ctx", None)
+        command = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
+        usage = f"  (see `python cli.py{command} --help`)"
+        typer.secho(f"error: {exc.format_message()}{usage}", fg=typer.colors.RED, err=True)  # type: ignore[attr-defined]
+        return exc.exit_code  # type: ignore[attr-defined]
+    except ABORTS:  # Ctrl-C at a prompt
+        typer.secho("error: interrupted", fg=typer.colors.RED, err=True)
+        return 130
     except Exception as exc:
         if _debug or not _is_known(exc):
             raise

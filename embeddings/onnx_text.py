@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.store import file_sha256
+from featurestore.lock import pid_alive
+from featurestore.store import atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,39 @@ def _quietly() -> Iterator[None]:
         root.removeFilter(drop_root_warnings)
 
 
+STAGING = ".tmp"  # an export in progress: <name>-<key>.tmp<pid>
+
+
+def _remove_dead_staging(folder: Path) -> None:
+    """Staging folders of exports whose process died (kill -9 left 173 MB each)."""
+    for staging in folder.glob(f"*{STAGING}*") if folder.is_dir() else []:
+        pid = staging.name.rpartition(STAGING)[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            log.info("removing %s, left by an export that did not finish", staging)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_intact(target: Path, filename: str) -> bool:
+    """The export's file has the sha256 recorded when it was made. Exports cached before hashes were recorded
+    get theirs recorded now (trusted on first use)."""
+    record_path = target / "export.json"
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return False
+    digest = file_sha256(target / filename)
+    hashes = record.get("sha256")
+    if not isinstance(hashes, dict):
+        record["sha256"] = {filename: digest}
+        atomic_write_text(record_path, json.dumps(record, indent=1))
+        return True
+    if filename not in hashes:
+        hashes[filename] = digest
+        atomic_write_text(record_path, json.dumps(record, indent=1))
+        return True
+    return hashes[filename] == digest
+
+
 def exported_model(st_model: Any, name: str, model_dir: Path, cache_dir: Path, backend: str) -> Path:
     """The cached ONNX file for this model and backend, exported on first use (atomically: a folder rename)."""
     if backend not in BACKENDS[1:]:
@@ -179,9 +213,14 @@ def exported_model(st_model: Any, name: str, model_dir: Path, cache_dir: Path, b
     key = export_key(model_dir)
     target = cache_dir / "onnx" / f"{name}-{key}"
     filename = "model_int8.onnx" if backend == "onnx_int8" else "model.onnx"
+    _remove_dead_staging(target.parent)
     if (target / filename).is_file():
-        return target / filename
-    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        if _export_intact(target, filename):
+            return target / filename
+        # A damaged export (64 flipped bytes moved 441 of 832 rows' neighbour lists, exit 0): export it again.
+        log.warning("the cached ONNX export %s fails its sha256 check; exporting it again", target / filename)
+        shutil.rmtree(target, ignore_errors=True)
+    staging = target.with_name(f"{target.name}{STAGING}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     log.info("exporting %s to ONNX (once; cached in %s)", name, target)
@@ -191,7 +230,8 @@ def exported_model(st_model: Any, name: str, model_dir: Path, cache_dir: Path, b
             _fuse(staging / "raw.onnx", staging / "model.onnx", st_model)
             (staging / "raw.onnx").unlink()
             report = _quantize_checked(st_model, staging / "model.onnx", staging / "model_int8.onnx", name)
-        (staging / "export.json").write_text(json.dumps({"key": key, **report}, indent=1))
+        hashes = {f.name: file_sha256(f) for f in sorted(staging.glob("*.onnx"))}
+        (staging / "export.json").write_text(json.dumps({"key": key, **report, "sha256": hashes}, indent=1))
         try:
             staging.rename(target)
         except OSError:

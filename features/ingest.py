@@ -251,11 +251,27 @@ def _integer_like(ids: pl.Series) -> bool:
     return False
 
 
-def canonical_ids(frames: list[tuple[str, pl.DataFrame]], id_col: str) -> list[pl.DataFrame]:
+def canonical_ids(frames: list[tuple[str, pl.DataFrame]], id_col: str, id_type: pl.DataType | None = None
+                  ) -> list[pl.DataFrame]:
     """One id type for train and test, decided from the files' own values: Int64 when every id of every file is a
     whole number (33127, 33127.0, "33127"), else text (integers written without a fraction). Duplicates and
-    train/test overlap are then checked on the canonical ids, so "33127" and "33127.0" cannot both pass."""
-    as_int = all(_integer_like(f["sample_id"]) for _, f in frames)
+    train/test overlap are then checked on the canonical ids, so "33127" and "33127.0" cannot both pass.
+
+    `id_type` (a store derived for `predict`: the training store's id type) fixes the type instead: new rows are
+    cast to it, so one text id among them cannot turn every training id into text and redraw the folds (sorted
+    by id); an id that does not fit an integer store is refused, named."""
+    if id_type is not None and id_type.is_integer():
+        for name, frame in frames:
+            ids = frame["sample_id"]
+            if _integer_like(ids):
+                continue
+            text = ids.cast(pl.String).str.strip_chars()
+            bad = ~(text.str.contains(INTEGER_TEXT) & ~text.str.contains(r"^-?0\d") & (text.str.len_chars() < 19))
+            raise IngestError([Problem(name, row + 1, id_col, f"id {ids[row]!r} is not a whole number, but the "
+                                       "training store's ids are integers; give new rows integer ids (no leading "
+                                       "zeros, no fraction)") for row in _first_rows(bad.fill_null(True))])
+    as_int = (id_type.is_integer() if id_type is not None
+              else all(_integer_like(f["sample_id"]) for _, f in frames))
     out = []
     for name, frame in frames:
         ids = frame["sample_id"]
@@ -279,7 +295,7 @@ def canonical_ids(frames: list[tuple[str, pl.DataFrame]], id_col: str) -> list[p
     return out
 
 
-def load_items(config: Config) -> pl.DataFrame:
+def load_items(config: Config, id_type: pl.DataType | None = None) -> pl.DataFrame:
     cols, vcfg = config.columns, config.validation
     named = []
     for split, path_str in (("train", config.data.train), ("test", config.data.test)):
@@ -292,7 +308,7 @@ def load_items(config: Config) -> pl.DataFrame:
         if split == "train" and frame.height == 0:
             raise IngestError([Problem(str(path), None, None, "no rows (header only); expected labelled rows")])
         named.append((str(path), frame))
-    frames = canonical_ids(named, cols.id)
+    frames = canonical_ids(named, cols.id, id_type)
     if len(frames) == 2:
         train, test = frames
         shared = train.join(test, on="sample_id", how="semi")["sample_id"]
@@ -331,4 +347,6 @@ class ItemsBuilder(FeatureBuilder):
         return ":".join(hashes)
 
     def build(self, ctx: BuildContext) -> Built:
-        return Built(load_items(self.config))
+        # A derived (predict) store keeps the training store's id type: see canonical_ids.
+        id_type = ctx.parent.read_schema("items")["sample_id"] if ctx.parent is not None else None
+        return Built(load_items(self.config, id_type))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from featurestore.errors import UserError
+from featurestore.names import ITEMS, feature_table_problem, label_column_problem
 
 
 class ConfigError(UserError, ValueError):
@@ -394,5 +395,69 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for parent in reversed(parents):
             nested = {parent: nested}
         _apply(config, nested, "override")
+    check_settings(config)
     return config
+
+
+# A study proposes every candidate up front: 10**9 trials took 8.5 GB before one ran. 10,000 candidates are hours
+# of meta fits on a large catalog, far past where more candidates stop helping (and start to overfit the CV).
+MAX_TRIALS = 10_000
+
+
+def check_settings(config: Config) -> None:
+    """Cross-field checks at load: names that must be unique, bounded counts, no label read as a feature."""
+    for where, names in (("models.learners", config.models.learners), ("stacking.metas", config.stacking.metas),
+                         ("builders", config.builders), ("knn.spaces", config.knn.spaces),
+                         ("knn.ks", config.knn.ks), ("target_encoding.columns", config.target_encoding.columns),
+                         ("columns.text", config.columns.text)):
+        repeated = sorted({str(n) for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"{where} names {', '.join(repeated)} more than once; each may appear once "
+                              "(a second copy of a learner with other settings is a variant: [models.<new name>] "
+                              "learner = \"<base>\")")
+    trials = config.stacking.trials
+    if not 1 <= trials <= MAX_TRIALS:
+        raise ConfigError(f"stacking.trials (--trials) is {trials}; expected 1 to {MAX_TRIALS:,}")
+    if config.folds.k < 3:
+        raise ConfigError(f"folds.k is {config.folds.k}; expected at least 3 (the stack's nested CV needs 3 folds)")
+    check_no_label_reads(config)
+
+
+def check_no_label_reads(config: Config) -> None:
+    """Leakage is refused at load: no learner, raw stack feature, sparse field or mapped column may read the
+    target, the fold plan or predictions, whatever the spelling. (models.matrix and the stack check again where
+    tables are read, for configs built in code.)"""
+    target = config.columns.target
+    cols = config.columns
+    for role, names in (("text", cols.text), ("categorical", cols.categorical), ("numeric", cols.numeric),
+                        ("id", [cols.id]), ("group", [cols.group]), ("image", [cols.image])):
+        if target in names:
+            raise ConfigError(f"columns.{role} names {target!r}, the target column (columns.target): the label "
+                              "would become a feature; take it out")
+    sections: list[tuple[str, Any]] = [(f.name, getattr(config.models, f.name).tables)
+                                       for f in dataclasses.fields(config.models)
+                                       if hasattr(getattr(config.models, f.name), "tables")]
+    sections += [(name, raw["tables"]) for name, raw in config.models.plugin_settings.items() if "tables" in raw]
+    for name, tables in sections:
+        for table in tables if isinstance(tables, list) else [tables]:
+            problem = feature_table_problem(table)
+            if problem:
+                raise ConfigError(f"models.{name}.tables: {problem}")
+    for feature in config.stacking.raw_features:
+        table, dot, column = feature.rpartition(".")
+        problem = (f"{feature!r}: expected 'table.column'" if not dot or not table or not column else
+                   feature_table_problem(table) or label_column_problem(column, target))
+        if problem:
+            raise ConfigError(f"stacking.raw_features: {problem}")
+    for number, spec in enumerate(config.text_sparse.fields):
+        for source in spec.columns:
+            table, _, column = source.rpartition(".")
+            readable = not table or table.strip().strip('"').lower() == ITEMS
+            problem = (None if readable else feature_table_problem(table)) or label_column_problem(column, target)
+            if problem:
+                raise ConfigError(f"text_sparse.fields[{number}].columns: {problem}")
+    for column in config.target_encoding.columns:
+        problem = label_column_problem(column, target)
+        if problem:
+            raise ConfigError(f"target_encoding.columns: {problem}")
 

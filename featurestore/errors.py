@@ -21,3 +21,8 @@ class StoreBusy(UserError):
 
 class StaleTable(UserError):
     """A table no longer matches its inputs (a changed train file, changed settings)."""
+
+
+class IntegrityError(UserError):
+    """A stored file (table, model, meta-learner, ONNX export) no longer has the bytes recorded when it was
+    written: bit rot, a partial copy, a hand edit. Never loaded; the message says what rebuilds it."""

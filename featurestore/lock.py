@@ -36,6 +36,17 @@ _held: dict[str, int] = {}
 _held_guard = threading.RLock()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (temp files and staging folders carry their writer's pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 def _holder_text(raw: bytes) -> str:
     try:
         holder = json.loads(raw.decode() or "{}")
@@ -63,7 +74,17 @@ def _flock(path: Path, operation: int) -> Iterator[int | None]:
             with _held_guard:
                 _held[key] -= 1
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if operation & fcntl.LOCK_EX:
+            raise
+        # A reader on a store it cannot write (read-only mount, another user's files): nobody can be writing
+        # through this folder's locks either, so a shared lock on what exists is enough, or none at all.
+        if not path.exists():
+            yield None
+            return
+        fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, operation)
         with _held_guard:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 ITEMS = "items"
 FOLDS = "folds"
 STACK_OOF = "stack_oof"
@@ -19,3 +21,41 @@ def learner_of(table: str) -> str:
 def oof_table(learner: str) -> str:
     """`oof__<learner>`: a base learner's out-of-fold (train) and fold-mean (test) predictions."""
     return f"{OOF_PREFIX}{learner}"
+
+
+MANIFEST = "manifest"
+# Tables that hold the target, the fold plan or predictions. None of them is ever a feature: a learner reading
+# `items` saw items.price (lgbm "CV" 8.88 SMAPE on its own labels, submission prices 1.8-3.0), and a learner or a
+# raw stack feature reading `folds`, an `oof__` table or the stack's outputs mixes levels of the stack.
+NON_FEATURE_TABLES = (ITEMS, FOLDS, STACK_OOF, PREDICTIONS, MANIFEST)
+# Columns of `items` that carry the label or the fold plan, in whatever table they would appear.
+LABEL_COLUMNS = ("price", "fold", "split", "group_id")
+_PLAIN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _bare(name: str) -> str:
+    """What DuckDB would resolve `name` to: quotes, spaces and case do not change which table is meant."""
+    return name.strip().strip('"').strip().lower()
+
+
+def feature_table_problem(name: object) -> str | None:
+    """Why `name` cannot be read as a feature table (None when it can): not a plain name, or a table that holds
+    the target, the folds or predictions, however it is spelled (`ITEMS`, `"items"`, `main.items`, ` items`)."""
+    if not isinstance(name, str):
+        return f"{name!r} is not a table name"
+    bare = _bare(name)
+    last = bare.rsplit(".", 1)[-1].strip().strip('"')
+    if last in NON_FEATURE_TABLES or last.startswith(OOF_PREFIX) or bare in NON_FEATURE_TABLES:
+        return (f"{name!r} holds the target, the fold plan or predictions, never features; learners and raw stack "
+                "features read feature tables only (catalog, target_enc, text_sparse, text_emb__*, knn__*, ...)")
+    if not _PLAIN.match(name):
+        return f"{name!r} is not a plain table name (letters, digits, '_' or '-'; no schema, quotes or spaces)"
+    return None
+
+
+def label_column_problem(column: str, target: str = "price") -> str | None:
+    """Why a feature column named `column` would carry the label (None when it would not)."""
+    bare = _bare(column)
+    if bare in LABEL_COLUMNS or bare == _bare(target):
+        return f"column {column!r} is the target or the fold plan, never a feature"
+    return None

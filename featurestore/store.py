@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -21,9 +22,13 @@ from typing import Any
 
 import duckdb
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from featurestore.errors import StoreBusy, StoreNotFound
-from featurestore.lock import database_lock
+from featurestore.errors import IntegrityError, StoreBusy, StoreNotFound
+from featurestore.lock import database_lock, pid_alive
+
+log = logging.getLogger(__name__)
 
 MANIFEST_DDL = """
 CREATE TABLE IF NOT EXISTS manifest (
@@ -42,6 +47,8 @@ CREATE TABLE IF NOT EXISTS manifest (
 # What a table's fingerprint was computed from (code hash, params, upstream fingerprints, outside files), so a
 # stale table can say *why* it is stale. Added after the first stores were made, hence ALTER.
 MANIFEST_INPUTS_DDL = "ALTER TABLE manifest ADD COLUMN IF NOT EXISTS inputs JSON"
+# sha256 of the table's Parquet file as written: a table whose file has other bytes is neither reused nor read.
+MANIFEST_SHA_DDL = "ALTER TABLE manifest ADD COLUMN IF NOT EXISTS file_sha256 VARCHAR"
 
 _VERSIONED_LIBRARIES = ("polars", "duckdb", "numpy", "pyarrow")
 
@@ -97,6 +104,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def verify_file(path: Path, expected: str, fix: str) -> None:
+    """Refuse a stored file whose sha256 is not the one recorded when it was written (one flipped bit in a
+    LightGBM leaf or a meta-learner weight changed every price with exit 0)."""
+    if not path.is_file():
+        raise IntegrityError(f"{path} is missing; {fix}")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise IntegrityError(f"{path} is damaged (sha256 {actual[:12]}... but {expected[:12]}... was recorded "
+                             f"when it was written); {fix}")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` next to the target, fsync, then rename: readers see the old file or the new one, never half.
 
@@ -113,7 +131,24 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def atomic_write_parquet(df: pl.DataFrame, path: Path, metadata: dict[str, str] | None = None) -> None:
-    atomic_write(path, lambda tmp: df.write_parquet(tmp, compression="zstd", metadata=metadata))
+    """Written by pyarrow with a CRC per data page (polars' writer has none), so any reader that verifies pages
+    (the `sql` sandbox, `FeatureStore.read`) refuses a flipped bit instead of returning another number."""
+    table = df.to_arrow()
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               **{k.encode(): v.encode() for k, v in metadata.items()}})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_page_checksum=True))
+
+
+def read_parquet_verified(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a Parquet file checking every page's CRC; a damaged file is an IntegrityError naming it."""
+    try:
+        return pl.from_arrow(pq.read_table(path, columns=columns, page_checksum_verification=True))  # type: ignore[return-value]
+    except (OSError, pa.ArrowException) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise IntegrityError(f"{path} is damaged ({' '.join(str(exc).split())[:200]}); rebuild it: "
+                             "`python cli.py build-features --force`") from exc
 
 
 # How long a connection waits for a process outside this tool that holds features.duckdb open.
@@ -145,6 +180,7 @@ class TableInfo:
     params: dict[str, Any]
     extra: dict[str, Any]
     inputs: dict[str, Any]
+    file_sha256: str | None = None  # None: written before files were hashed (trusted, cannot be checked)
 
 
 class FeatureStore:
@@ -160,14 +196,44 @@ class FeatureStore:
         if not create and not self.db_path.is_file():
             raise StoreNotFound(f"no feature store at {self.root} (no features.duckdb there); check --store / "
                                 "store.dir, or run `python cli.py build-features` first")
+        self.read_only = not create
         if create:
             self.tables_dir.mkdir(parents=True, exist_ok=True)
             self.scratch_dir.mkdir(parents=True, exist_ok=True)
-        with self.connect(read_only=False) as con:  # idempotent; brings stores made before `inputs` up to date
-            con.execute(MANIFEST_DDL)
-            con.execute(MANIFEST_INPUTS_DDL)
+            self.remove_dead_temp_files()
+            with self.connect(read_only=False) as con:  # idempotent; brings older stores' manifests up to date
+                con.execute(MANIFEST_DDL)
+                con.execute(MANIFEST_INPUTS_DDL)
+                con.execute(MANIFEST_SHA_DDL)
+        # Read-only commands (`tables`, `sql`, `report`) never open the file for writing: they work on a store
+        # they cannot write (a read-only mount) and beside a read-only `duckdb` client. An older store's
+        # manifest may lack the newer columns then.
+        with self.connect(read_only=True) as con:
+            self._manifest_columns = {r[0] for r in con.execute(
+                "SELECT column_name FROM duckdb_columns() WHERE table_name = 'manifest'").fetchall()}
         if self._views_elsewhere():
-            self.refresh_views()
+            # A copied or moved store: re-point its views once, so the plain `duckdb` client reads this copy. A
+            # read-only command that cannot write here goes on (it reads the Parquet files, not the views).
+            try:
+                self.refresh_views()
+            except (duckdb.Error, OSError, StoreBusy) as exc:
+                if create:
+                    raise
+                log.info("could not re-point the views of the moved store %s (%s); the CLI does not need them",
+                         self.root, exc)
+
+    def remove_dead_temp_files(self) -> list[Path]:
+        """Temp files (`.tmp-<pid>-<name>`) of writers that died mid-write (kill -9): they are never renamed into
+        place, so they are only litter. A live writer's temp files are left alone."""
+        removed = []
+        for path in self.root.rglob(".tmp-*"):
+            pid = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
+            if path.is_file() and pid.isdigit() and not pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        if removed:
+            log.info("removed %d temp file(s) left by writers that did not finish", len(removed))
+        return removed
 
     # -- connections -------------------------------------------------------------------------------
     @contextmanager
@@ -220,7 +286,13 @@ class FeatureStore:
             raise FileNotFoundError(
                 f"table '{name}' is not in the store at {self.root}; run `python cli.py build-features` first"
             )
-        return pl.read_parquet(path, columns=columns)
+        info = self.info(name)
+        if info is not None:
+            self._verify(path, info)
+        return read_parquet_verified(path, columns)
+
+    def read_schema(self, name: str) -> pl.Schema:
+        return pl.read_parquet_schema(self.table_path(name))
 
     def write(
         self,
@@ -237,12 +309,14 @@ class FeatureStore:
     ) -> None:
         path = self.table_path(name)
         atomic_write_parquet(df, path, {FINGERPRINT_KEY: fingerprint})
+        digest = file_sha256(path)
         with self.connect(read_only=False) as con:
             con.execute("BEGIN")
             _create_view(con, name, path)
             con.execute(
                 "INSERT OR REPLACE INTO manifest (table_name, builder, params, fingerprint, row_count, column_count, "
-                "seconds, versions, created_at, extra, inputs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "seconds, versions, created_at, extra, inputs, file_sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     name,
                     builder,
@@ -255,6 +329,7 @@ class FeatureStore:
                     datetime.now(UTC).replace(tzinfo=None),
                     json.dumps(extra or {}, default=str),
                     json.dumps(inputs or {}, sort_keys=True, default=str),
+                    digest,
                 ],
             )
             con.execute("COMMIT")
@@ -263,7 +338,8 @@ class FeatureStore:
         with self.connect(read_only=True) as con:
             row = con.execute(
                 "SELECT table_name, builder, fingerprint, row_count, column_count, seconds, created_at, "
-                "params, extra, inputs FROM manifest WHERE table_name = ?",
+                f"params, extra, {self._optional('inputs')}, {self._optional('file_sha256')} FROM manifest "
+                "WHERE table_name = ?",
                 [name],
             ).fetchone()
         if row is None:
@@ -279,13 +355,44 @@ class FeatureStore:
             params=json.loads(row[7]),
             extra=json.loads(row[8]),
             inputs=json.loads(row[9]) if row[9] else {},
+            file_sha256=row[10],
         )
 
+    def _optional(self, column: str) -> str:
+        return column if column in self._manifest_columns else f"NULL AS {column}"
+
     def is_fresh(self, name: str, fingerprint: str) -> bool:
+        """Up to date and undamaged: a table file with other bytes than recorded is rebuilt, not "reused"."""
         info = self.info(name)
         path = self.table_path(name)
-        return (info is not None and info.fingerprint == fingerprint and path.is_file()
-                and file_fingerprint(path) == fingerprint)
+        if not (info is not None and info.fingerprint == fingerprint and _plain_file(path)):
+            return False
+        try:
+            self._verify(path, info)
+        except IntegrityError as exc:
+            log.warning("%s; rebuilding it", exc)
+            return False
+        return file_fingerprint(path) == fingerprint
+
+    def verify_tables(self, names: list[str]) -> None:
+        """Each table's file still has the bytes recorded in the manifest (IntegrityError otherwise)."""
+        for name in names:
+            info = self.info(name)
+            if info is not None:
+                self._verify(self.table_path(name), info)
+
+    def _verify(self, path: Path, info: TableInfo) -> None:
+        if path.is_symlink():
+            raise IntegrityError(f"{path} is a symbolic link; a table file must be the store's own file. Remove "
+                                 "it and rebuild: `python cli.py build-features --force`")
+        if info.file_sha256 is None:
+            return
+        stat = path.stat()
+        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if _VERIFIED.get(key) == info.file_sha256:
+            return
+        verify_file(path, info.file_sha256, "rebuild it: `python cli.py build-features --force`")
+        _VERIFIED[key] = info.file_sha256
 
     def manifest(self) -> pl.DataFrame:
         with self.connect(read_only=True) as con:
@@ -327,6 +434,14 @@ class FeatureStore:
         path = self.scratch_dir / name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+# Files hashed by this process, keyed by path, inode, size and mtime: each table is hashed once per process.
+_VERIFIED: dict[tuple[str, int, int, int], str] = {}
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
 
 
 class Timer:

@@ -18,6 +18,8 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from featurestore.config import ConfigError
+from featurestore.names import FOLDS, ITEMS, feature_table_problem, label_column_problem
 from featurestore.sparse import is_sparse_table, read_sparse, sparse_width
 from featurestore.store import FeatureStore, quote_ident
 from models.base import Inputs
@@ -26,7 +28,12 @@ KEY_COLUMNS = ("sample_id", "split", "price", "fold", "group_id")
 
 
 def split_tables(store: FeatureStore, tables: list[str]) -> tuple[list[str], list[str]]:
-    """(dense tables, sparse tables) of a feature set; every table must be in the store."""
+    """(dense tables, sparse tables) of a feature set; every table must be in the store and a feature table
+    (the config refuses `items`, `folds` & co. at load; this catches a config built in code)."""
+    for table in tables:
+        problem = feature_table_problem(table)
+        if problem:
+            raise ConfigError(f"feature set {tables}: {problem}")
     missing = [t for t in tables if not store.has_table(t)]
     if missing:
         raise FileNotFoundError(
@@ -40,11 +47,16 @@ def split_tables(store: FeatureStore, tables: list[str]) -> tuple[list[str], lis
 def load_frame(store: FeatureStore, tables: list[str]) -> pl.DataFrame:
     """items (+ folds) left-joined with every dense table, one row per item, ordered by sample_id."""
     dense, _ = split_tables(store, tables)
+    store.verify_tables([ITEMS, FOLDS, *dense])  # DuckDB's scan checks no page CRC: the file hashes do
     select: list[str] = []
     joins = []
     for number, table in enumerate(dense):
         alias = f"t{number}"
         schema = pl.read_parquet_schema(store.table_path(table))
+        leaked = [c for c in schema if label_column_problem(c)]
+        if leaked:
+            raise ConfigError(f"table {table} holds {leaked}, the target or the fold plan; a feature table must not "
+                              "(rebuild it without those columns, or take it out of the learner's tables)")
         select += [f"{alias}.{quote_ident(c)} AS {quote_ident(f'{table}.{c}')}" for c in schema if c != "sample_id"]
         joins.append(left_join(table, alias))
     return query_items(store, select, joins)

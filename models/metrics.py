@@ -26,6 +26,12 @@ def _pair(true: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarr
     predicted = np.asarray(predicted, dtype=np.float64)
     if true.shape != predicted.shape:
         raise ValueError(f"{true.shape[0]} true values but {predicted.shape[0]} predictions")
+    # A NaN prediction must never score: SMAPE's 0/0 rule scored a NaN column as perfect (stack "CV 0.0").
+    for what, values in (("predictions", predicted), ("true values", true)):
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise ValueError(f"{bad.size} of {values.size} {what} are not finite (NaN or inf), positions "
+                             f"{bad[:5].tolist()}; a score over them would be meaningless")
     return true, predicted
 
 

@@ -29,7 +29,7 @@ from featurestore.errors import StaleTable
 from featurestore.folds import fold_plan
 from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
-from featurestore.store import FeatureStore, Timer
+from featurestore.store import FeatureStore, Timer, file_sha256, verify_file
 from models.base import AUTO, BaseLearner, Inputs, learner_settings, threads
 from models.matrix import (
     MatrixSpec,
@@ -111,15 +111,24 @@ def cross_fit(
             for name, gain in learner.importance().items():
                 importance[name] = importance.get(name, 0.0) + gain / len(plan)
             loaded = make(k).load(path)
-            oof[valid_rows] = loaded.predict(x.rows(valid_rows))
+            oof[valid_rows] = _finite(loaded.predict(x.rows(valid_rows)), loaded.name, k, "validation")
             if len(test_rows):
-                test_sum += loaded.predict(x.rows(test_rows))
+                test_sum += _finite(loaded.predict(x.rows(test_rows)), loaded.name, k, "test")
         result.fold_scores[k] = round(task_metric.score(price[valid_rows], to_price(oof[valid_rows], target)), 4)
         result.best_iterations[k] = learner.best_iteration
         result.seconds[k] = round(timer.seconds, 2)
     result.test = test_sum / max(1, len(plan))
     result.importance = importance
     return result
+
+
+def _finite(pred: np.ndarray, learner: str, fold: int, rows: str) -> np.ndarray:
+    """Non-finite predictions are an error where they appear, never a table (nor a "perfect" score)."""
+    bad = int(np.count_nonzero(~np.isfinite(pred)))
+    if bad:
+        raise ValueError(f"{learner}, fold {fold}: {bad} of {len(pred)} {rows} predictions are NaN or infinite; "
+                         f"check models.{learner} settings (learning rate, loss) and the feature tables")
+    return pred
 
 
 def model_dir_for(store: FeatureStore, learner: str, fingerprint: str) -> Path:
@@ -167,6 +176,12 @@ class TrainedLearner:
     n_sparse_features: int
     dropped_columns: list[str]
     importance_top: dict[str, float]
+    model_sha256: dict[str, str]  # every file of model_dir (fold models, spec), checked before loading
+
+    def verify(self, store: FeatureStore, fix: str) -> None:
+        """Every model file still has the bytes it was written with (IntegrityError otherwise)."""
+        for name, digest in sorted(self.model_sha256.items()):
+            verify_file(store.root / self.model_dir / name, digest, fix)
 
     @classmethod
     def of(cls, store: FeatureStore, learner: str) -> TrainedLearner:
@@ -209,7 +224,19 @@ class LearnerBuilder(FeatureBuilder):
         return (type(self), self.cls, models.base, models.matrix, models.metrics)
 
     def artifacts_ok(self, store: FeatureStore, fingerprint: str) -> bool:
-        return (model_dir_for(store, self.name, fingerprint) / SPEC_FILE).is_file()
+        """The model folder is complete and undamaged: a model file with other bytes than recorded retrains."""
+        if not (model_dir_for(store, self.name, fingerprint) / SPEC_FILE).is_file():
+            return False
+        info = store.info(self.table)
+        hashes = info.extra.get("model_sha256") if info is not None else None
+        if not hashes:
+            return False
+        model_dir = store.root / info.extra["model_dir"]  # type: ignore[union-attr]
+        damaged = [n for n, digest in hashes.items() if not (model_dir / n).is_file()
+                   or file_sha256(model_dir / n) != digest]
+        if damaged:
+            log.warning("%s: model file(s) %s are damaged or missing; retraining", self.table, damaged)
+        return not damaged
 
     def _remove_stale_models(self, store: FeatureStore, keep: Path) -> None:
         """Folders of neither this build nor the committed `oof__` row: a crash mid-retrain must leave the
@@ -271,6 +298,7 @@ class LearnerBuilder(FeatureBuilder):
             n_sparse_features=sum(spec.sparse.values()),
             dropped_columns=spec.dropped,
             importance_top=dict(_readable(ctx.store, top, spec)),
+            model_sha256={p.name: file_sha256(p) for p in sorted(model_dir.iterdir()) if p.is_file()},
         )
         log.info("%s: OOF %s %.2f (folds %s)", self.table, task_metric.name, record.oof_score, result.fold_scores)
         table = frame.select("sample_id", "fold").with_columns(
@@ -294,6 +322,7 @@ def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, 
     """Test-row predictions of the stored fold models of `name` (trained in `models`) on the feature tables of
     `features`: the same matrix code, the same files, the same fold order and averaging as training."""
     trained = TrainedLearner.of(models, name)
+    trained.verify(models, f"retrain it: `python cli.py train --learner {name} --force`")
     model_dir = models.root / trained.model_dir
     spec = MatrixSpec.load(model_dir / SPEC_FILE)
     frame = load_frame(features, spec.tables).filter(pl.col("split") == "test")

@@ -19,7 +19,7 @@ import polars as pl
 from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
 from featurestore.errors import StaleTable
-from featurestore.names import PREDICTIONS, oof_table
+from featurestore.names import FOLDS, PREDICTIONS, oof_table
 from featurestore.store import FeatureStore, Timer, file_sha256
 from models.matrix import MatrixSpec
 from models.train import SPEC_FILE, TrainedLearner, learner_builders, predict_saved
@@ -40,6 +40,15 @@ def _check_same_settings(trained: FeatureStore, derived: FeatureStore, tables: s
         if old.params != new.params:
             raise RuntimeError(f"table {table} was built with {old.params} for training but {new.params} now; "
                                "rerun `python cli.py stack` with this config")
+
+
+def _check_same_folds(trained: FeatureStore, derived: FeatureStore) -> None:
+    """The fold plan is the training store's, by content: new rows must not move a training row to another fold
+    (every kNN statistic, target encoding and fold model of that row would change)."""
+    old, new = trained.read(FOLDS).sort("sample_id"), derived.read(FOLDS).sort("sample_id")
+    if not old.equals(new):
+        raise StaleTable(f"the prediction store at {derived.root} drew other folds than the training store "
+                         f"{trained.root}; rerun `python cli.py build-features && python cli.py stack`")
 
 
 def _tables_used(store: FeatureStore, learners: list[str], raw_features: list[str]) -> set[str]:
@@ -81,6 +90,7 @@ def predict_file(config: Config, store: FeatureStore, input_path: Path, out: Pat
                 shutil.rmtree(derived_dir, ignore_errors=True)
             raise
         _check_same_settings(store, derived, _tables_used(store, learners, raw_features))
+        _check_same_folds(store, derived)
         frame = meta_frame(derived, [], raw_features).filter(pl.col("split") == "test").select(
             "sample_id", *raw_features)
         for name in learners:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from features.catalog import CatalogBuilder
 from features.folds import FoldsBuilder
@@ -11,9 +13,11 @@ from features.ingest import ItemsBuilder
 from features.target_encoding import TargetEncodingBuilder
 from features.text_sparse import TextSparseBuilder
 from featurestore.builders import FeatureBuilder, stale_tables
-from featurestore.config import Config
+from featurestore.config import Config, DataConfig
 from featurestore.errors import StaleTable
-from featurestore.store import FeatureStore
+from featurestore.store import FeatureStore, file_sha256
+
+log = logging.getLogger(__name__)
 
 BuilderFactory = Callable[[Config], list[FeatureBuilder]]
 
@@ -80,15 +84,36 @@ def builders_for(config: Config, names: list[str] | None = None) -> list[Feature
     return builders
 
 
+def _same_file(a: str, b: str) -> bool:
+    if not a or not b:
+        return a == b
+    pa, pb = Path(a), Path(b)
+    if pa.resolve() == pb.resolve():
+        return True
+    return pa.is_file() and pb.is_file() and file_sha256(pa) == file_sha256(pb)
+
+
 def config_as_built(config: Config, store: FeatureStore) -> Config:
     """`config` with the train/test files the store's `items` was built from (`build-features --train X` then
-    `stack` without `--train` must mean that same X, not the config's default file)."""
+    `stack` without `--train` must mean that same X, not the config's default file).
+
+    A file the config names explicitly (not the default) that differs from the one the store was built from is
+    refused, naming both: `stack` and `predict` used to go on with the old file, exit 0."""
     info = store.info("items")
     if info is None:
         return config
     built = copy.deepcopy(config)
-    built.data.train = info.params.get("train", built.data.train)
-    built.data.test = info.params.get("test", built.data.test)
+    defaults = DataConfig()
+    for key in ("train", "test"):
+        asked, used = getattr(config.data, key), info.params.get(key, getattr(config.data, key))
+        if _same_file(asked, used):
+            continue
+        if asked != getattr(defaults, key):
+            raise StaleTable(f"data.{key} is {asked!r}, but the store at {store.root} was built from {used!r}; "
+                             f"run `python cli.py build-features` to rebuild it from {asked!r}, or point data.{key} "
+                             f"back at {used!r}")
+        log.info("using the %s file the store was built from, %s (the config's default is %s)", key, used, asked)
+        setattr(built.data, key, used)
     return built
 
 

@@ -13,13 +13,16 @@ The store's own DuckDB file is never opened for writing here.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import duckdb
 import polars as pl
+import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-from featurestore.errors import UserError
-from featurestore.store import FeatureStore, array_casts, quote_ident
+from featurestore.errors import IntegrityError, UserError
+from featurestore.store import FeatureStore, array_casts, atomic_write, quote_ident
 
 EXPLAIN_ANALYZE = re.compile(r"^\s*EXPLAIN\s*(\(\s*)?ANALY[SZ]E\b", re.IGNORECASE)
 EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s+", re.IGNORECASE)
@@ -58,12 +61,18 @@ def sandbox(store: FeatureStore) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     manifest = store.manifest()
     con.register("manifest", manifest.to_arrow())
+    # Every page read is checked against its CRC: a damaged table fails the query instead of answering.
+    parquet = ds.ParquetFileFormat(
+        default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
     for name in manifest["table_name"].to_list():
         path = store.table_path(name)
         if not path.is_file():
             continue
+        if path.is_symlink():  # a link planted in tables/ would expose any file the user can read
+            raise IntegrityError(f"{path} is a symbolic link, not a table the store wrote; remove it and rebuild "
+                                 "(`python cli.py build-features --force`)")
         raw = f"__raw_{name}"
-        con.register(raw, ds.dataset(str(path), format="parquet"))
+        con.register(raw, ds.dataset(str(path), format=parquet))
         casts = array_casts(pl.read_parquet_schema(path))
         replace = f" REPLACE ({', '.join(casts)})" if casts else ""
         con.execute(f"CREATE VIEW {quote_ident(name)} AS SELECT *{replace} FROM {quote_ident(raw)}")
@@ -72,13 +81,43 @@ def sandbox(store: FeatureStore) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def run_query(store: FeatureStore, query: str) -> pl.DataFrame:
+def run_query(store: FeatureStore, query: str, limit: int | None = None) -> pl.DataFrame:
+    """The query's rows; with `limit`, only the first `limit` are fetched (a 10M-row result is not materialised
+    to print 50 lines)."""
     check_read_only(query)
     con = sandbox(store)
     try:
-        relation = con.sql(query)
-        if relation is None:
-            raise ValueError("the statement returned no rows to show")
-        return relation.pl()
+        relation = _relation(con, query)
+        return (relation.limit(limit) if limit is not None else relation).pl()
     finally:
         con.close()
+
+
+def export_query(store: FeatureStore, query: str, out: Path) -> int:
+    """Stream the query's result into `out` (.csv or .parquet) batch by batch, atomically; the row count."""
+    check_read_only(query)
+    con = sandbox(store)
+    rows = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal rows
+        reader = _relation(con, query).fetch_record_batch(rows_per_batch=65_536)
+        writer = (pq.ParquetWriter(tmp, reader.schema) if out.suffix == ".parquet"
+                  else pacsv.CSVWriter(tmp, reader.schema))
+        with writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+
+    try:
+        atomic_write(out, write)
+    finally:
+        con.close()
+    return rows
+
+
+def _relation(con: duckdb.DuckDBPyConnection, query: str) -> duckdb.DuckDBPyRelation:
+    relation = con.sql(query)
+    if relation is None:
+        raise ValueError("the statement returned no rows to show")
+    return relation

@@ -47,8 +47,17 @@ from featurestore.config import Config, ConfigError
 from featurestore.errors import UserError
 from featurestore.fingerprint import code_hash
 from featurestore.folds import n_folds
-from featurestore.names import PREDICTIONS, STACK_OOF, learner_of, oof_table
-from featurestore.store import FeatureStore, Timer, atomic_write, quote_ident
+from featurestore.names import (
+    FOLDS,
+    ITEMS,
+    PREDICTIONS,
+    STACK_OOF,
+    feature_table_problem,
+    label_column_problem,
+    learner_of,
+    oof_table,
+)
+from featurestore.store import FeatureStore, Timer, atomic_write, file_sha256, quote_ident, verify_file
 from models.base import threads
 from models.matrix import left_join, query_items
 from models.metrics import metric
@@ -104,6 +113,9 @@ def meta_frame(store: FeatureStore, learners: list[str], raw_features: list[str]
         table, _, column = feature.partition(".")
         if not column:
             raise ValueError(f"stacking.raw_features: {feature!r}; expected 'table.column'")
+        problem = feature_table_problem(table) or label_column_problem(column)
+        if problem:  # the config refuses these at load; a config built in code meets them here
+            raise ConfigError(f"stacking.raw_features: {problem}")
         if not store.has_table(table):
             raise FileNotFoundError(f"stacking.raw_features names {feature!r}, but table {table} is not built")
         if column not in pl.read_parquet_schema(store.table_path(table)):
@@ -112,6 +124,7 @@ def meta_frame(store: FeatureStore, learners: list[str], raw_features: list[str]
             raw_tables[table] = f"r{len(raw_tables)}"
             joins.append(left_join(table, raw_tables[table]))
         select.append(f"{raw_tables[table]}.{quote_ident(column)}::DOUBLE AS {quote_ident(feature)}")
+    store.verify_tables([ITEMS, FOLDS, *(oof_table(n) for n in learners), *raw_tables])
     return query_items(store, select, joins)
 
 
@@ -251,6 +264,12 @@ def run_study(study_name: str, inputs: StackInputs, config: Config, trials: int,
     done: dict[int, tuple[Candidate, Scores]] = {}
     for trial in study.get_trials(deepcopy=False):
         if trial.state == optuna.trial.TrialState.COMPLETE and "scores" in trial.user_attrs:
+            if trial.user_attrs.get("checksum") != _checksum(trial.user_attrs, trial.params):
+                # A damaged record (a flipped digit in a score would pick another meta-learner): evaluate the
+                # candidate again instead of trusting it.
+                log.warning("optuna journal: candidate %s's record fails its checksum; evaluating it again",
+                            trial.user_attrs.get("candidate"))
+                continue
             raw = trial.user_attrs["scores"]
             scores = Scores({int(k): v for k, v in raw["inner"].items()}, raw["final"], raw["at"])
             done[int(trial.user_attrs["candidate"])] = (_params_of(trial), scores)
@@ -276,10 +295,19 @@ def run_study(study_name: str, inputs: StackInputs, config: Config, trials: int,
 def _tell_all(study: optuna.Study, proposed: list[tuple[optuna.Trial, Candidate]], results: Iterator[Scores],
               done: dict[int, tuple[Candidate, Scores]]) -> None:
     for (trial, candidate), scores in zip(proposed, results, strict=True):
-        trial.set_user_attr("scores", {"inner": {str(k): v for k, v in scores.inner.items()}, "final": scores.final,
-                                       "at": scores.at})
+        record = {"inner": {str(k): v for k, v in scores.inner.items()}, "final": scores.final, "at": scores.at}
+        trial.set_user_attr("scores", record)
+        trial.set_user_attr("checksum", _checksum({"scores": record, "candidate": candidate.index,
+                                                   "meta": candidate.meta}, trial.params))
         study.tell(trial, scores.final)
         done[candidate.index] = (candidate, scores)
+
+
+def _checksum(attrs: dict[str, Any], params: dict[str, Any]) -> str:
+    """sha256 over what a finished candidate's record is trusted for: its scores, index, meta and parameters."""
+    payload = {"scores": attrs.get("scores"), "candidate": attrs.get("candidate"), "meta": attrs.get("meta"),
+               "params": params}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _choose(done: dict[int, tuple[Candidate, Scores]], key: Any) -> tuple[Candidate, Scores]:
@@ -389,6 +417,7 @@ class TrainedStack:
     learners: list[str]
     raw_features: list[str]
     meta_model: str  # relative to the store
+    meta_sha256: str  # of the meta-learner file, checked before it is loaded
 
     @classmethod
     def of(cls, store: FeatureStore) -> TrainedStack:
@@ -402,13 +431,21 @@ class TrainedStack:
                             "rerun `python cli.py stack`") from None
 
     def load_meta(self, store: FeatureStore, config: Config) -> tuple[MetaLearner, list[str]]:
-        return load_meta(store.root / self.meta_model, config)
+        path = store.root / self.meta_model
+        verify_file(path, self.meta_sha256, "rerun `python cli.py stack` to refit the meta-learner")
+        return load_meta(path, config)
 
 
 def journal_storage(store: FeatureStore) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend
 
     _repair_journal(store.journal_path)
+    # Optuna's journal lock (a symlink) left by a killed `stack` made the next one wait its 30 s grace period.
+    # Only the writer (this command, under the store's writer lock) uses the journal, so a lock found now is stale.
+    stale_lock = Path(f"{store.journal_path}.lock")
+    if os.path.lexists(stale_lock):
+        log.info("removing %s left by a `stack` that did not finish", stale_lock)
+        stale_lock.unlink()
     return optuna.storages.JournalStorage(JournalFileBackend(str(store.journal_path)))
 
 
@@ -425,14 +462,19 @@ def load_meta(path: Path, config: Config) -> tuple[MetaLearner, list[str]]:
     return meta, payload["feature_names"]
 
 
-def write_submission(path: Path, ids: np.ndarray, price: np.ndarray, expected_ids: np.ndarray) -> pl.DataFrame:
-    """The challenge format (sample_id,price): every test id exactly once, finite positive prices; CSV, or
-    Parquet when `path` ends in .parquet."""
+def check_submission(ids: np.ndarray, price: np.ndarray, expected_ids: np.ndarray) -> pl.DataFrame:
     submission = pl.DataFrame({"sample_id": ids, "price": price})
     if submission["sample_id"].n_unique() != submission.height or set(ids.tolist()) != set(expected_ids.tolist()):
         raise RuntimeError("submission ids do not match the test ids one to one")
     if not np.all(np.isfinite(price)) or np.any(price <= 0):
-        raise RuntimeError("submission has non-finite or non-positive prices")
+        raise ValueError("submission has non-finite or non-positive prices; nothing was written")
+    return submission
+
+
+def write_submission(path: Path, ids: np.ndarray, price: np.ndarray, expected_ids: np.ndarray) -> pl.DataFrame:
+    """The challenge format (sample_id,price): every test id exactly once, finite positive prices; CSV, or
+    Parquet when `path` ends in .parquet."""
+    submission = check_submission(ids, price, expected_ids)
     if path.suffix == ".parquet":
         atomic_write(path, lambda tmp: submission.write_parquet(tmp))
     else:
@@ -452,8 +494,6 @@ def check_stack_settings(config: Config) -> None:
         learner_class(name)
     for name in config.stacking.metas:
         meta_class(name)
-    if config.stacking.trials < 1:
-        raise ConfigError(f"stacking.trials (--trials) is {config.stacking.trials}; expected at least 1")
 
 
 def run_stack(store: FeatureStore, config: Config, trials: int, built: list[BuildResult],
@@ -481,10 +521,20 @@ def run_stack(store: FeatureStore, config: Config, trials: int, built: list[Buil
               "base_learners": {b.table: {"status": b.status, "seconds": round(b.seconds, 2),
                                           "fold_scores": TrainedLearner.of(store, learner_of(b.table)).fold_scores}
                                 for b in built}}
+    train_rows, test_rows = inputs.fold >= 0, inputs.fold < 0
+    # Everything is checked before anything is committed: a NaN meta-prediction or a bad submission must not
+    # leave stack_oof / predictions tables behind (they were written before the submission check failed).
+    for what, values in (("nested out-of-fold", result.meta_oof[train_rows]), ("test", result.test_pred)):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            raise ValueError(f"the stack's {result.final_name} meta-learner gave {bad} non-finite {what} "
+                             "predictions; nothing was written (check the base learners' oof__ tables)")
+    price = np.clip(np.expm1(result.test_pred), 0.01, None)
+    check_submission(inputs.ids[test_rows], price, inputs.ids[test_rows])
     meta_path = store.models_dir("stack") / f"{key}.json"
     save_meta(meta_path, result, inputs)
     record["meta_model"] = str(meta_path.relative_to(store.root))
-    train_rows, test_rows = inputs.fold >= 0, inputs.fold < 0
+    record["meta_sha256"] = file_sha256(meta_path)
     fingerprint = f"{key}-t{trials}"
     stack_oof = pl.DataFrame({"sample_id": inputs.ids[train_rows], "fold": inputs.fold[train_rows],
                               "pred_log": result.meta_oof[train_rows],
@@ -492,7 +542,6 @@ def run_stack(store: FeatureStore, config: Config, trials: int, built: list[Buil
     store.write(STACK_OOF, stack_oof, builder="Stacker", params={"trials": trials, "key": key},
                 fingerprint=fingerprint, seconds=timer.seconds,
                 extra={"metric": record["metric"], "stack_cv": record["stack_cv"]})
-    price = np.clip(np.expm1(result.test_pred), 0.01, None)
     predictions = pl.DataFrame({"sample_id": inputs.ids[test_rows], "price": price})
     store.write(PREDICTIONS, predictions, builder="Stacker", params={"trials": trials, "key": key},
                 fingerprint=fingerprint, seconds=timer.seconds, extra=record)
