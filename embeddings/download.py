@@ -121,9 +121,13 @@ class HostGate:
 
 class Downloader:
     def __init__(self, folder: Path, *, timeout_s: float = 10.0, retries: int = 3, max_bytes: int = 20_000_000,
-                 workers: int = 8, per_host: int = 4, min_interval: float = 0.0, backoff_s: float = 0.5) -> None:
+                 workers: int = 8, per_host: int = 4, min_interval: float = 0.0, backoff_s: float = 0.5,
+                 deadline_s: float = 60.0) -> None:
         self.folder = folder
         self.timeout_s = timeout_s
+        # timeout_s bounds each wait for bytes; a server that sends one byte a second never trips it, so every
+        # attempt also has a deadline for the whole file.
+        self.deadline_s = deadline_s
         self.retries = retries
         self.max_bytes = max_bytes
         self.workers = workers
@@ -136,13 +140,18 @@ class Downloader:
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         tmp = target.with_name(f".{target.name}.part-{threading.get_ident()}")
         try:
+            deadline = time.monotonic() + self.deadline_s
             with _OPENER.open(request, timeout=self.timeout_s) as response:
                 declared = response.headers.get("Content-Length")
                 if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
                     raise TooLarge(f"declared size {int(declared):,} bytes > cap {self.max_bytes:,}")
                 written = 0
                 with tmp.open("wb") as out:
-                    while block := response.read(1 << 16):
+                    # read1: what has arrived (read(n) would wait for all n bytes of a trickle).
+                    while block := response.read1(1 << 16):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"timed out: the file took longer than {self.deadline_s:g} s "
+                                               "(images.deadline_s)")
                         written += len(block)
                         if written > self.max_bytes:
                             raise TooLarge(f"body exceeds cap {self.max_bytes:,} bytes")

@@ -86,7 +86,8 @@ class ImageFilesBuilder(FeatureBuilder):
             outcomes = [resolve_local(folder, sid, url) for sid, url in pairs]
         else:
             downloader = Downloader(folder, timeout_s=icfg.timeout_s, retries=icfg.retries,
-                                    max_bytes=icfg.max_file_bytes, workers=icfg.workers, per_host=icfg.per_host)
+                                    max_bytes=icfg.max_file_bytes, workers=icfg.workers, per_host=icfg.per_host,
+                                    deadline_s=icfg.deadline_s)
             outcomes = downloader.fetch_all(pairs, progress=ctx.progress)
         table = outcomes_table(items["sample_id"], outcomes)
         # Files under the store are recorded relative to it, so a copied or moved store reads its own copies.

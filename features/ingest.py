@@ -83,27 +83,38 @@ def read_raw(path: Path) -> pl.DataFrame:
         if not problems:
             problems.append(Problem(name, None, None, f"not valid UTF-8 at byte {exc.start}; expected UTF-8"))
         raise IngestError(problems) from exc
+    text = raw.decode("utf-8")
+    # polars pads a short row with nulls (a truncated test row was priced from half its fields) and names no row
+    # when one is long: every row's field count is checked first, by data row (quoted newlines included).
+    structure = _csv_structure_problems(name, text, separator)
+    if structure:
+        raise IngestError(structure)
     try:
         return pl.read_csv(raw, infer_schema=False, separator=separator)
     except pl.exceptions.ComputeError as exc:
-        raise IngestError([_csv_structure_problem(name, raw.decode("utf-8"), separator, exc)]) from exc
+        raise IngestError([Problem(name, None, None, f"not a readable CSV: {str(exc).splitlines()[0]}")]) from exc
 
 
-def _csv_structure_problem(name: str, text: str, separator: str, exc: Exception) -> Problem:
-    """polars says *what* is wrong with a CSV's structure but not *where*: find the first row whose field count
-    differs from the header's (the stdlib reader follows the same quoting rules), so the error names it."""
+def _csv_structure_problems(name: str, text: str, separator: str) -> list[Problem]:
+    """Rows whose field count differs from the header's, numbered as data rows (the header is not counted; a
+    quoted newline inside a field does not start a row). The stdlib reader follows polars' quoting rules."""
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # texts may be far longer than the 128 KiB default
     reader = csv.reader(io.StringIO(text), delimiter=separator)
+    problems: list[Problem] = []
+    row_number = 0
     try:
-        header = next(reader)
-        for row in reader:
+        header = next(reader, None)
+        if header is None:
+            return []
+        for row_number, row in enumerate(reader, start=1):
             if row and len(row) != len(header):
-                # line_num counts physical lines, so quoted newlines keep it pointing at the row's last line.
-                return Problem(name, reader.line_num - 1, None,
-                               f"has {len(row)} fields but the header has {len(header)} (an unquoted "
-                               f"'{separator}' or a stray quote?)")
+                problems.append(Problem(name, row_number, None, f"has {len(row)} fields but the header has "
+                                        f"{len(header)} (an unquoted '{separator}', a stray quote or a cut row?)"))
+                if len(problems) >= MAX_REPORTED_PROBLEMS:
+                    break
     except csv.Error as err:
-        return Problem(name, reader.line_num - 1, None, f"not a readable CSV row: {err}")
-    return Problem(name, None, None, f"not a readable CSV: {str(exc).splitlines()[0]}")
+        problems.append(Problem(name, row_number + 1, None, f"not a readable CSV row: {err}"))
+    return problems
 
 
 def _check_columns(df: pl.DataFrame, name: str, cols: ColumnsConfig, labelled: bool) -> list[Problem]:
@@ -136,7 +147,8 @@ def _validate_ids(df: pl.DataFrame, name: str, id_col: str) -> list[Problem]:
     return problems
 
 
-def _parse_price(df: pl.DataFrame, name: str, target: str) -> tuple[pl.Series, list[Problem]]:
+def _parse_price(df: pl.DataFrame, name: str, target: str, vcfg: ValidationConfig
+                 ) -> tuple[pl.Series, list[Problem]]:
     raw = df[target]
     problems = []
     if raw.dtype == pl.String:
@@ -155,6 +167,11 @@ def _parse_price(df: pl.DataFrame, name: str, target: str) -> tuple[pl.Series, l
     bad = price.is_nan() | price.is_infinite() | (price <= 0)
     for row in _first_rows(bad.fill_null(False)):
         problems.append(Problem(name, row + 1, target, f"price {price[row]} is invalid; expected finite and > 0"))
+    extreme = ~bad & ((price < vcfg.min_target) | (price > vcfg.max_target))
+    for row in _first_rows(extreme.fill_null(False)):
+        problems.append(Problem(name, row + 1, target, f"price {price[row]!r} is outside [{vcfg.min_target:g}, "
+                                f"{vcfg.max_target:g}] (validation.min_target / max_target); fix the value or "
+                                "widen the range"))
     return price, problems
 
 
@@ -204,7 +221,7 @@ def normalise(df: pl.DataFrame, name: str, split: str, cols: ColumnsConfig, vcfg
     problems += _text_columns(df, name, cols, vcfg)
     price = pl.Series("price", [None] * df.height, dtype=pl.Float64)
     if labelled:
-        price, price_problems = _parse_price(df, name, cols.target)
+        price, price_problems = _parse_price(df, name, cols.target, vcfg)
         problems += price_problems
     numeric_exprs = []
     for column in cols.numeric:

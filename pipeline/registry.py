@@ -107,6 +107,7 @@ def config_as_built(config: Config, store: FeatureStore) -> Config:
     for key in ("train", "test"):
         asked, used = getattr(config.data, key), info.params.get(key, getattr(config.data, key))
         if _same_file(asked, used):
+            setattr(built.data, key, used)  # the same bytes elsewhere: the store's own record of the path
             continue
         if asked != getattr(defaults, key):
             raise StaleTable(f"data.{key} is {asked!r}, but the store at {store.root} was built from {used!r}; "

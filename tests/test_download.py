@@ -57,6 +57,17 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(GOOD[:100])
             self.wfile.flush()
             self.close_connection = True
+        elif name == "drip.jpg":  # one byte every 0.1 s: never trips a per-read timeout
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(GOOD)))
+            self.end_headers()
+            try:
+                for byte in GOOD:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
         elif name == "corrupt.jpg":
             self._send(200, b"<html>this is not an image</html>")
         elif name == "huge.jpg":
@@ -160,3 +171,14 @@ def test_redirects_only_to_http(server: str, tmp_path: Path) -> None:
     outcomes = {o.sample_id: o for o in downloader.fetch_all(rows, progress=False)}
     assert outcomes[1].status == "invalid_url" and "ftp://" in outcomes[1].error
     assert outcomes[2].status == "ok"
+
+
+def test_a_server_that_drips_one_byte_at_a_time_hits_the_per_file_deadline(server: str, tmp_path: Path) -> None:
+    """Audit case (issue 22): a server sending 1 byte/s stalled a download 40 s despite a 2 s timeout (each read
+    got its byte in time). Every attempt now has a deadline for the whole file (images.deadline_s)."""
+    downloader = Downloader(tmp_path, timeout_s=2, retries=0, workers=1, deadline_s=1.0)
+    start = time.perf_counter()
+    outcome = downloader.fetch_all([(1, f"{server}/img/drip.jpg")], progress=False)[0]
+    assert outcome.status == "timeout" and "deadline_s" in outcome.error
+    assert time.perf_counter() - start < 3.0
+    assert not list(tmp_path.iterdir())  # no partial file left
