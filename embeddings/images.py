@@ -217,6 +217,9 @@ class ImageEmbeddingBuilder(FeatureBuilder):
                 return self._built(reused.sort("sample_id"), reused.height)
         encoder = load_encoder(self.config)
         dim = encoder.dim
+        # A `predict` store embeds its new images one at a time, so no row's vector depends on its batch-mates
+        # (the other rows of the input file); see the text builder.
+        batch_size = 1 if ctx.parent is not None else icfg.batch_size
 
         def process(chunk: pl.DataFrame) -> pl.DataFrame:
             vectors = np.zeros((chunk.height, dim), dtype=np.float32)
@@ -229,9 +232,9 @@ class ImageEmbeddingBuilder(FeatureBuilder):
                 if image is not None:
                     arrays.append(encoder.preprocess(image))
                     positions.append(position)
-            for start in range(0, len(arrays), icfg.batch_size):
-                batch = np.stack(arrays[start : start + icfg.batch_size])
-                vectors[positions[start : start + icfg.batch_size]] = encoder.embed(batch)
+            for start in range(0, len(arrays), batch_size):
+                batch = np.stack(arrays[start : start + batch_size])
+                vectors[positions[start : start + batch_size]] = encoder.embed(batch)
             return chunk.select("sample_id").with_columns(
                 pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim)),
                 pl.Series("image_ok", [e is None for e in errors], dtype=pl.Boolean),

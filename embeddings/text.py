@@ -129,8 +129,13 @@ class TextEmbeddingBuilder(FeatureBuilder):
         dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         dim = dim_of()
 
+        # A store derived for `predict` encodes its new rows one at a time: with int8 ONNX a vector depends on its
+        # batch-mates (dynamic quantisation scales over the whole batch tensor; padding changes GEMM shapes), so a
+        # row's price would move with the other rows of the input file. Training stores keep full batches.
+        batch_size = 1 if ctx.parent is not None else tcfg.batch_size
+
         def process(chunk: pl.DataFrame) -> pl.DataFrame:
-            vectors = encode(model, chunk["text"].to_list(), tcfg.batch_size, tcfg.long_text).astype(np.float32)
+            vectors = encode(model, chunk["text"].to_list(), batch_size, tcfg.long_text).astype(np.float32)
             embedding = pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim))
             return chunk.select("sample_id").with_columns(embedding)
 

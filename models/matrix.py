@@ -144,7 +144,26 @@ def fit_spec(train: pl.DataFrame, tables: list[str], max_categories: int,
                 spec.dropped.append(column)
         else:
             spec.dropped.append(column)
+    _refuse_copies_of_the_target(train, spec.numeric)
     return spec
+
+
+def _refuse_copies_of_the_target(train: pl.DataFrame, numeric: list[str]) -> None:
+    """A feature column equal to the price (or its log) on every training row is the label under another name
+    (a user's builder that copied it): refused, not trained on."""
+    if "price" not in train.columns or train.height < 2:
+        return
+    price = train["price"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    copies = {"price": price, "log1p(price)": np.log1p(price), "log(price)": np.log(price)}
+    for column in numeric:
+        values = train[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        present = np.isfinite(values) & np.isfinite(price)
+        if present.sum() < max(2, 0.9 * len(values)):
+            continue
+        for what, target in copies.items():
+            if np.allclose(values[present], target[present], rtol=1e-6, atol=1e-9):
+                raise ConfigError(f"feature column {column} equals {what} on every training row: it is the target "
+                                  "under another name; take its table out of the learner's tables")
 
 
 def transform(spec: MatrixSpec, frame: pl.DataFrame) -> np.ndarray:

@@ -26,7 +26,7 @@ from featurestore.config import MAX_TRIALS, Config, ConfigError, load_config
 from featurestore.errors import IntegrityError, StaleTable
 from featurestore.store import FeatureStore, atomic_write
 from models.base import learner_settings
-from models.matrix import load_frame
+from models.matrix import fit_spec, load_frame
 from models.metrics import mape, smape
 from models.registry import load_plugins
 from models.train import LearnerBuilder, TrainedLearner, predict_saved
@@ -115,6 +115,11 @@ def test_a_config_built_in_code_meets_the_guard_where_tables_are_read_and_the_le
     with pytest.raises(ConfigError, match="holds"):
         load_frame(store, ["catalog", "leaky"])
     assert load_frame(store, ["catalog"]).height == 50  # the honest feature set still loads
+    renamed = store.read("items").select("sample_id", pl.col("price").log1p().alias("quality_score"))
+    store.write("renamed", renamed, builder="test", params={}, fingerprint="y", seconds=0.0)
+    frame = load_frame(store, ["catalog", "renamed"])
+    with pytest.raises(ConfigError, match="renamed.quality_score equals log1p"):
+        fit_spec(frame.filter(pl.col("split") == "train"), ["catalog", "renamed"], 100)
 
     config = copy.deepcopy(small_config)
     config.models.lgbm.tables = ["catalog", "items"]  # mutated after load: the load-time check never ran
@@ -125,6 +130,7 @@ def test_a_config_built_in_code_meets_the_guard_where_tables_are_read_and_the_le
         run_builders(BuildContext(store, config, progress=False), [LearnerBuilder(config, "lgbm")])
     monkeypatch.setattr("models.matrix.feature_table_problem", lambda table: None)
     monkeypatch.setattr("models.matrix.label_column_problem", lambda column, target="price": None)
+    monkeypatch.setattr("models.matrix._refuse_copies_of_the_target", lambda train, numeric: None)
     run_builders(BuildContext(store, config, progress=False), [LearnerBuilder(config, "lgbm")])
     leaked = TrainedLearner.of(store, "lgbm").oof_score
     config.models.lgbm.tables = ["catalog"]

@@ -182,6 +182,38 @@ def test_derived_store_embeds_only_new_rows(tmp_path: Path, real_train: pl.DataF
     assert derived.info("text_emb__minilm").extra["rows_reused"] == 12
 
 
+def test_a_predict_rows_vector_does_not_depend_on_the_other_new_rows(tmp_path: Path, real_train: pl.DataFrame,
+                                                                     real_test: pl.DataFrame) -> None:
+    """Audit case (issue 22): a derived store encoded its new rows in batches sorted by length and id, and with
+    int8 ONNX a vector depends on its batch-mates, so a row's price moved with the other rows of the `predict`
+    file. New rows are now encoded one per batch: two files sharing rows give those rows identical vectors.
+    Control: the same rows encoded in batches of 4 with other batch-mates do differ."""
+    from embeddings.text import encode, load_sentence_model
+
+    settings = {"text_embeddings.models": ["minilm"], "text_embeddings.batch_size": 4,
+                "text_embeddings.flush_every": 1, "text_embeddings.max_seq_length": 64}
+    parent = _run(_text_config(tmp_path / "a", real_train, rows=8), ["items", "text_emb"])
+
+    def vectors(name: str, test: pl.DataFrame) -> pl.DataFrame:
+        config = make_config(tmp_path / name, real_train.head(8), test, **settings)
+        store = FeatureStore(config.store.dir)
+        run_builders(BuildContext(store, config, progress=False, parent=parent),
+                     builders_for(config, ["items", "text_emb"]))
+        return store.read("text_emb__minilm")
+
+    shared = real_test.slice(3, 2)["sample_id"]
+    first = vectors("b", real_test.slice(0, 5)).filter(pl.col("sample_id").is_in(shared)).sort("sample_id")
+    second = vectors("c", real_test.slice(3, 6)).filter(pl.col("sample_id").is_in(shared)).sort("sample_id")
+    assert first.height == 2 and first.equals(second)
+
+    config = _text_config(tmp_path / "d", real_train, rows=8, **settings)
+    model = load_sentence_model("minilm", config)
+    texts = real_test["catalog_content"].to_list()
+    alone = encode(model, texts[3:5] + texts[0:2], 4, "truncate")[:2]
+    mixed = encode(model, texts[3:5] + texts[5:7], 4, "truncate")[:2]
+    assert not np.array_equal(alone, mixed), "the control found no batch-mate effect to guard against"
+
+
 def _augmented(image: Image.Image) -> Image.Image:
     """A centre crop of 84% of each side, resized to 70%, re-encoded as JPEG quality 60."""
     width, height = image.size
