@@ -202,8 +202,8 @@ def test_a_predict_rows_vector_does_not_depend_on_the_other_new_rows(tmp_path: P
         return store.read("text_emb__minilm")
 
     shared = real_test.slice(3, 2)["sample_id"]
-    first = vectors("b", real_test.slice(0, 5)).filter(pl.col("sample_id").is_in(shared)).sort("sample_id")
-    second = vectors("c", real_test.slice(3, 6)).filter(pl.col("sample_id").is_in(shared)).sort("sample_id")
+    first = vectors("b", real_test.slice(0, 5)).filter(pl.col("sample_id").is_in(shared.to_list())).sort("sample_id")
+    second = vectors("c", real_test.slice(3, 6)).filter(pl.col("sample_id").is_in(shared.to_list())).sort("sample_id")
     assert first.height == 2 and first.equals(second)
 
     config = _text_config(tmp_path / "d", real_train, rows=8, **settings)
