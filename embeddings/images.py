@@ -24,7 +24,7 @@ from embeddings.download import Downloader, FetchOutcome, resolve_local
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
-from featurestore.errors import UserError
+from featurestore.errors import ConfigError, UserError
 from featurestore.store import file_sha256
 
 IMAGE_FILES_SCHEMA = {
@@ -37,11 +37,11 @@ def image_folder(config: Config, store_root: Path, source: str) -> Path:
     icfg = config.images
     if source == "folder":
         if not config.data.images_dir:
-            raise ValueError("images.source = 'folder' needs data.images_dir; or set images.source = 'download'")
+            raise ConfigError("images.source = 'folder' needs data.images_dir; or set images.source = 'download'")
         return Path(config.data.images_dir)
     if source == "download":
         return Path(icfg.download_dir) if icfg.download_dir else store_root / "images"
-    raise ValueError(f"images.source = {source!r}; expected 'folder' or 'download'")
+    raise ConfigError(f"images.source = {source!r}; expected 'folder' or 'download'")
 
 
 def outcomes_table(ids: pl.Series, outcomes: list[FetchOutcome]) -> pl.DataFrame:

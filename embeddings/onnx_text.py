@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.errors import ConfigError, InputError
 from featurestore.lock import pid_alive
 from featurestore.store import atomic_write_text, file_sha256
 
@@ -43,7 +44,7 @@ def weights_sha256(model_dir: Path) -> str:
     """sha256 over the transformer's weight files (safetensors or torch .bin) and its config."""
     files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin"} or p.name == "config.json")
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no weight files (*.safetensors, *.bin) to export to ONNX")
+        raise InputError(f"{model_dir}: no weight files (*.safetensors, *.bin) to export to ONNX")
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
@@ -154,7 +155,7 @@ def _quantize_checked(st_model: Any, fp32: Path, out: Path, name: str) -> dict[s
         tried.append(round(cosine, 5))
         if cosine >= MIN_INT8_COSINE:
             return {"int8_cosine_to_fp32": cosine, "fp32_matmuls": len(exclude)}
-    raise RuntimeError(f"{name}: int8 export keeps mean cosine {tried} to fp32 on the calibration texts "
+    raise InputError(f"{name}: int8 export keeps mean cosine {tried} to fp32 on the calibration texts "
                        f"(< {MIN_INT8_COSINE}); use text_embeddings.backend = \"onnx\" for this model")
 
 
@@ -209,7 +210,7 @@ def _export_intact(target: Path, filename: str) -> bool:
 def exported_model(st_model: Any, name: str, model_dir: Path, cache_dir: Path, backend: str) -> Path:
     """The cached ONNX file for this model and backend, exported on first use (atomically: a folder rename)."""
     if backend not in BACKENDS[1:]:
-        raise ValueError(f"text_embeddings.backend = {backend!r}; expected one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"text_embeddings.backend = {backend!r}; expected one of {', '.join(BACKENDS)}")
     key = export_key(model_dir)
     target = cache_dir / "onnx" / f"{name}-{key}"
     filename = "model_int8.onnx" if backend == "onnx_int8" else "model.onnx"

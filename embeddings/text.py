@@ -19,7 +19,7 @@ from embeddings.onnx_text import OnnxSentenceEncoder, exported_model
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
-from featurestore.errors import UserError
+from featurestore.errors import ConfigError, UserError
 from featurestore.text_weights import resolve_text_model
 
 
@@ -85,7 +85,7 @@ def encode(model: Any, texts: list[str], batch_size: int, long_text: str) -> np.
     if long_text == "truncate":
         return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
     if long_text != "chunk":
-        raise ValueError(f"text_embeddings.long_text = {long_text!r}; expected 'truncate' or 'chunk'")
+        raise ConfigError(f"text_embeddings.long_text = {long_text!r}; expected 'truncate' or 'chunk'")
     chunks, owners = chunk_texts(model, texts, window=model.max_seq_length - 2)
     vectors = model.encode(chunks, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
     pooled = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)

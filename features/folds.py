@@ -15,6 +15,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.errors import InputError
 
 
 def price_bands(price: np.ndarray, n_bands: int) -> np.ndarray:
@@ -27,7 +28,7 @@ def assign_folds(
     sample_ids: np.ndarray, price: np.ndarray, groups: np.ndarray | None, k: int, seed: int, n_bands: int
 ) -> np.ndarray:
     if len(sample_ids) < k:
-        raise ValueError(f"folds.k={k} but only {len(sample_ids)} training rows; expected at least k rows")
+        raise InputError(f"folds.k={k} but only {len(sample_ids)} training rows; expected at least k rows")
     order = np.argsort(sample_ids, kind="stable")
     bands = price_bands(price[order], n_bands)
     fold = np.empty(len(sample_ids), dtype=np.int32)

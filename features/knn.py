@@ -20,6 +20,7 @@ import polars as pl
 
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.errors import ConfigError, StaleTable
 from featurestore.folds import fold_plan
 
 TIE_MARGIN = 16  # extra neighbours fetched so ties at the k-th place can be broken by id
@@ -40,7 +41,7 @@ def make_index(dim: int, kind: str, n_train: int) -> faiss.Index:
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = max(1, nlist // 8)
     else:
-        raise ValueError(f"knn.index = {kind!r}; expected 'flat', 'hnsw' or 'ivf'")
+        raise ConfigError(f"knn.index = {kind!r}; expected 'flat', 'hnsw' or 'ivf'")
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and kind == "flat":
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     return index
@@ -165,7 +166,7 @@ class KnnBuilder(FeatureBuilder):
         for name in self.tables:
             table = ctx.store.read(name, columns=["sample_id", "embedding"]).sort("sample_id")
             if not table["sample_id"].equals(frame["sample_id"]):
-                raise RuntimeError(f"{name} does not cover the same rows as items; rebuild it")
+                raise StaleTable(f"{name} does not cover the same rows as items; rebuild it")
             parts.append(_normalised(table))
         vectors = np.ascontiguousarray(np.hstack(parts) / np.sqrt(len(parts)), dtype=np.float32)
         keys: list[np.ndarray] = []

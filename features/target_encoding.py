@@ -18,6 +18,7 @@ import polars as pl
 
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.errors import ConfigError
 from featurestore.folds import fold_plan
 
 
@@ -69,7 +70,7 @@ class TargetEncodingBuilder(FeatureBuilder):
         catalog = ctx.store.read("catalog")
         missing = [c for c in cfg.columns if c not in catalog.columns]
         if missing:
-            raise ValueError(f"target_encoding.columns: {missing} are not columns of the catalog table "
+            raise ConfigError(f"target_encoding.columns: {missing} are not columns of the catalog table "
                              f"(it has: {', '.join(catalog.columns)})")
         frame = (ctx.store.read("items", columns=["sample_id", "price"]).sort("sample_id")
                  .join(ctx.store.read("folds"), on="sample_id", how="left").with_columns(pl.col("fold").fill_null(-1))

@@ -26,6 +26,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config, SparseFieldConfig
+from featurestore.errors import ConfigError
 from featurestore.sparse import COLUMN_NAMES_KEY, csr_to_frame
 from featurestore.store import FeatureStore, atomic_write_text
 
@@ -40,14 +41,14 @@ def field_sources(fields: list[SparseFieldConfig]) -> list[tuple[str, str]]:
     sources = []
     for number, spec in enumerate(fields):
         if not spec.columns:
-            raise ValueError(f"text_sparse.fields[{number}]: `columns` is empty; name one or more 'table.column'")
+            raise ConfigError(f"text_sparse.fields[{number}]: `columns` is empty; name one or more 'table.column'")
         for source in spec.columns:
             table, _, column = source.partition(".")
             if not column:
-                raise ValueError(f"text_sparse.fields[{number}]: {source!r}; expected 'table.column'")
+                raise ConfigError(f"text_sparse.fields[{number}]: {source!r}; expected 'table.column'")
             sources.append((table, column))
         if spec.analyzer != "onehot" and (len(spec.ngram) != 2 or not 1 <= spec.ngram[0] <= spec.ngram[1]):
-            raise ValueError(f"text_sparse.fields[{number}].ngram = {spec.ngram}; expected [low, high] with "
+            raise ConfigError(f"text_sparse.fields[{number}].ngram = {spec.ngram}; expected [low, high] with "
                              "1 <= low <= high")
     return sources
 
@@ -145,7 +146,7 @@ class TextSparseBuilder(FeatureBuilder):
         for number, source in enumerate(spec.columns):
             table, _, column = source.partition(".")
             if column not in pl.read_parquet_schema(store.table_path(table)):
-                raise ValueError(f"text_sparse field {source!r}: table {table} has no column {column!r}")
+                raise ConfigError(f"text_sparse field {source!r}: table {table} has no column {column!r}")
             name = f"_c{number}"
             part = store.read(table, columns=["sample_id", column]).select(
                 "sample_id", pl.col(column).cast(pl.String).alias(name))
@@ -158,7 +159,7 @@ class TextSparseBuilder(FeatureBuilder):
     def build(self, ctx: BuildContext) -> Built:
         cfg = self.config.text_sparse
         if not cfg.fields:
-            raise ValueError("text_sparse.fields is empty; configure at least one field or drop the builder")
+            raise ConfigError("text_sparse.fields is empty; configure at least one field or drop the builder")
         ids = ctx.store.read("items", columns=["sample_id"]).sort("sample_id")
         texts = [self._texts(ctx.store, ids, spec) for spec in cfg.fields]
         fitted = self._parent_vocabulary(ctx)

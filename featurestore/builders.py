@@ -17,6 +17,7 @@ from typing import Any
 import polars as pl
 
 from featurestore.config import Config
+from featurestore.errors import MissingTable
 from featurestore.fingerprint import code_hash
 from featurestore.store import FeatureStore, Timer, file_fingerprint
 
@@ -82,7 +83,7 @@ def fingerprint_inputs(builder: FeatureBuilder, store: FeatureStore,
             continue
         info = store.info(name)
         if info is None:
-            raise RuntimeError(f"builder for '{builder.table}' needs table '{name}', which is not built yet")
+            raise MissingTable(f"builder for '{builder.table}' needs table '{name}', which is not built yet")
         fingerprints[name] = info.fingerprint
     return {
         "table": builder.table,

@@ -13,12 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featurestore.errors import UserError
+from featurestore.errors import ConfigError
 from featurestore.names import ITEMS, feature_table_problem, label_column_problem
-
-
-class ConfigError(UserError, ValueError):
-    """A config file names an unknown key or a value of the wrong type."""
 
 
 def choice(default: str, *choices: str) -> Any:

@@ -11,6 +11,23 @@ class UserError(Exception):
     """A problem with what the user gave us or asked for, with the fix in the message."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config file names an unknown key or a value of the wrong type, or settings that cannot work together."""
+
+
+class MissingTable(UserError, FileNotFoundError):
+    """A table, trained learner or stack the command needs has not been built yet."""
+
+
+class InputError(UserError, ValueError):
+    """Data or a request that cannot be used as given (too few rows for the folds, non-finite predictions, SQL
+    that does not parse)."""
+
+
+class DeviceError(UserError, RuntimeError):
+    """A device or runtime dependency that is asked for but not there (CUDA, an optional package)."""
+
+
 class StoreNotFound(UserError):
     """A command that only reads the store was pointed at a folder that holds none."""
 

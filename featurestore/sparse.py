@@ -13,6 +13,7 @@ import polars as pl
 import pyarrow as pa
 import scipy.sparse as sp
 
+from featurestore.errors import MissingTable, StaleTable
 from featurestore.store import FeatureStore
 
 SPARSE_COLUMNS = ("indices", "values")
@@ -25,7 +26,7 @@ def sparse_column_names(store: FeatureStore, table: str) -> list[str]:
     """Readable column names of a sparse table ("name:word=leather"), or "<table>[i]" when it keeps none."""
     info = store.info(table)
     if info is None:
-        raise FileNotFoundError(f"sparse table {table} is not in the store at {store.root}; run build-features")
+        raise MissingTable(f"sparse table {table} is not in the store at {store.root}; run build-features")
     if "vocabulary" in info.extra:
         payload = json.loads((store.root / info.extra["vocabulary"]).read_text())
         if COLUMN_NAMES_KEY in payload:
@@ -42,7 +43,7 @@ def is_sparse_table(store: FeatureStore, table: str) -> bool:
 def sparse_width(store: FeatureStore, table: str) -> int:
     info = store.info(table)
     if info is None or "n_features" not in info.extra:
-        raise FileNotFoundError(f"sparse table {table} is not in the store at {store.root}; run build-features")
+        raise MissingTable(f"sparse table {table} is not in the store at {store.root}; run build-features")
     return int(info.extra["n_features"])
 
 
@@ -67,12 +68,12 @@ def frame_to_csr(frame: pl.DataFrame, n_columns: int) -> sp.csr_matrix:
     offsets = np.asarray(indices.offsets, dtype=np.int64)
     value_offsets = np.asarray(values.offsets, dtype=np.int64)
     if not np.array_equal(np.diff(offsets), np.diff(value_offsets)):
-        raise ValueError("sparse table: a row has different numbers of indices and values")
+        raise StaleTable("sparse table: a row has different numbers of indices and values")
     # A sliced Arrow list keeps its parent's child buffer: take the rows' span only.
     cols = np.asarray(indices.values, dtype=np.int32)[offsets[0]: offsets[-1]]
     data = np.asarray(values.values, dtype=np.float32)[value_offsets[0]: value_offsets[-1]]
     if len(cols) and (cols.min() < 0 or cols.max() >= n_columns):
-        raise ValueError(f"sparse table: column index outside 0..{n_columns - 1}; rebuild the table")
+        raise StaleTable(f"sparse table: column index outside 0..{n_columns - 1}; rebuild the table")
     return sp.csr_matrix((data, cols, offsets - offsets[0]), shape=(frame.height, n_columns))
 
 
@@ -82,5 +83,5 @@ def read_sparse(store: FeatureStore, table: str, ids: np.ndarray) -> sp.csr_matr
     frame = store.read(table)
     order = pl.DataFrame({"sample_id": ids}).with_row_index("_row").join(frame, on="sample_id", how="left")
     if order.height != len(ids) or order["indices"].null_count():
-        raise RuntimeError(f"{table} has no row for {order['indices'].null_count()} items; rebuild it")
+        raise StaleTable(f"{table} has no row for {order['indices'].null_count()} items; rebuild it")
     return frame_to_csr(order.sort("_row"), width)

@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featurestore.errors import IntegrityError, StoreBusy, StoreNotFound
+from featurestore.errors import InputError, IntegrityError, MissingTable, StoreBusy, StoreNotFound
 from featurestore.lock import database_lock, pid_alive
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class FeatureStore:
     # -- tables ------------------------------------------------------------------------------------
     def table_path(self, name: str) -> Path:
         if not name.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"table name {name!r}: expected letters, digits, '_' or '-'")
+            raise InputError(f"table name {name!r}: expected letters, digits, '_' or '-'")
         return self.tables_dir / f"{name}.parquet"
 
     def has_table(self, name: str) -> bool:
@@ -283,7 +283,7 @@ class FeatureStore:
     def read(self, name: str, columns: list[str] | None = None) -> pl.DataFrame:
         path = self.table_path(name)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingTable(
                 f"table '{name}' is not in the store at {self.root}; run `python cli.py build-features` first"
             )
         info = self.info(name)

@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from featurestore.config import Config, apply_settings
+from featurestore.errors import ConfigError
 
 OBJECTIVES = ("huber", "l1", "l2")
 # "auto": the loss the task's metric calls for (models.metrics: smape -> huber, mape/mae -> l1, rmse/rmsle -> l2).
@@ -161,7 +162,7 @@ class BaseLearner(ABC):
             raise ValueError(f"{self.name} ({where}) reads the item text, but Inputs.text is missing or has another "
                              "row count than the dense block")
         if x.sparse is not None and not self.reads_sparse:
-            raise ValueError(f"{self.name} does not read sparse tables; take text_sparse out of its tables")
+            raise ConfigError(f"{self.name} does not read sparse tables; take text_sparse out of its tables")
         if x.sparse is not None and x.sparse.shape[0] != x.dense.shape[0]:
             raise ValueError(f"{self.name} ({where}): dense and sparse blocks have different row counts")
         if self.feature_names and x.dense.shape[1] + (0 if x.sparse is None else x.sparse.shape[1]) != len(
@@ -180,9 +181,9 @@ def register(cls: type[BaseLearner]) -> type[BaseLearner]:
     """Class decorator: adds a learner under `cls.name`; a second class with the same name is refused."""
     name = getattr(cls, "name", "")
     if not name or not name.replace("_", "").isalnum():
-        raise ValueError(f"{cls.__name__}.name = {name!r}; expected letters, digits and '_'")
+        raise ConfigError(f"{cls.__name__}.name = {name!r}; expected letters, digits and '_'")
     if name in LEARNERS and LEARNERS[name] is not cls:
-        raise ValueError(f"learner name {name!r} is taken by {LEARNERS[name].__module__}.{LEARNERS[name].__name__}; "
+        raise ConfigError(f"learner name {name!r} is taken by {LEARNERS[name].__module__}.{LEARNERS[name].__name__}; "
                          f"give {cls.__module__}.{cls.__name__} another `name`")
     LEARNERS[name] = cls
     return cls
@@ -201,13 +202,13 @@ def learner_settings(config: Config, name: str) -> Any:
         raw = config.models.plugin_settings.get(name, {})
         settings = apply_settings(LEARNERS[name].settings_type(), raw, f"models.{name}")  # type: ignore[misc]
     if settings is None or not hasattr(settings, "tables"):
-        raise ValueError(f"learner {name!r} has no [models.{name}] section in the config; add one with its `tables`")
+        raise ConfigError(f"learner {name!r} has no [models.{name}] section in the config; add one with its `tables`")
     return settings
 
 
 def check_objective(learner: str, objective: str) -> str:
     if objective not in OBJECTIVES:
-        raise ValueError(f"models.{learner}.objective must be one of {', '.join(OBJECTIVES)}; got {objective!r} "
+        raise ConfigError(f"models.{learner}.objective must be one of {', '.join(OBJECTIVES)}; got {objective!r} "
                          "(\"auto\" is resolved from task.metric by models.train.resolved_settings)")
     return objective
 

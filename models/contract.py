@@ -4,7 +4,8 @@ new learner is checked the day it is registered.
 
 Checked on a small synthetic problem (dense block + a sparse block for learners that read sparse input + short
 texts whose words track the target for learners that read text):
-fit → predictions of the right shape, finite; `predict` before `fit` raises NotFittedError; save → load in a
+fit → predictions of the right shape, finite, clearly better than the best constant on held-out rows; `predict`
+before `fit` raises NotFittedError; save → load in a
 fresh instance → identical predictions; the same seed → identical predictions; importance keys ⊆ feature names;
 a learner that does not read sparse input refuses one.
 """
@@ -20,6 +21,8 @@ import scipy.sparse as sp
 
 from models.base import BaseLearner, Inputs, NotFittedError
 
+# Held-out MAE must be below this share of the best constant's (the signal explains most of the variance).
+LEARNS = 0.8
 WORDS = np.array(["cheap", "plain", "small", "basic", "standard", "large", "premium", "deluxe", "luxury"])
 
 
@@ -65,6 +68,12 @@ def verify_learner(cls: type[BaseLearner], settings: Any) -> None:
         first.save(path)
         loaded = cls(settings, 7, 1, names, []).load(path)
         assert np.array_equal(pred, loaded.predict(x.rows(test))), f"{cls.name}: save -> load changed predictions"
+    # It learns: on held-out rows it beats the best constant (the training median) clearly. A learner that ignores
+    # its features passed every other rule.
+    constant = float(np.mean(np.abs(y[test] - np.median(y[train]))))
+    error = float(np.mean(np.abs(y[test] - pred)))
+    assert error < LEARNS * constant, (f"{cls.name}: learns nothing: held-out MAE {error:.3f} vs {constant:.3f} for "
+                                       "the best constant")
     unknown = set(first.importance()) - set(names)
     assert not unknown, f"{cls.name}: importance names {sorted(unknown)[:3]} are not feature names"
     if not cls.reads_sparse:

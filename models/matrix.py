@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from featurestore.config import ConfigError
+from featurestore.errors import ConfigError, MissingTable, StaleTable
 from featurestore.names import FOLDS, ITEMS, feature_table_problem, label_column_problem
 from featurestore.sparse import is_sparse_table, read_sparse, sparse_width
 from featurestore.store import FeatureStore, quote_ident
@@ -36,7 +36,7 @@ def split_tables(store: FeatureStore, tables: list[str]) -> tuple[list[str], lis
             raise ConfigError(f"feature set {tables}: {problem}")
     missing = [t for t in tables if not store.has_table(t)]
     if missing:
-        raise FileNotFoundError(
+        raise MissingTable(
             f"feature table(s) {missing} are not in the store at {store.root}; build them with "
             "`python cli.py build-features` (or take them out of the learner's `tables`)"
         )
@@ -77,7 +77,7 @@ def query_items(store: FeatureStore, select: list[str], joins: list[str]) -> pl.
         items = con.execute("SELECT count(*) FROM items").fetchone()[0]  # type: ignore[index]
     if frame.height != items:
         # A table with two rows for one id would fan the join out and silently weight that item twice.
-        raise RuntimeError(f"joining {', '.join(j.split()[1] for j in joins) or 'folds'} onto items gave "
+        raise StaleTable(f"joining {', '.join(j.split()[1] for j in joins) or 'folds'} onto items gave "
                            f"{frame.height} rows for {items} items: a joined table has repeated sample_ids; "
                            "rebuild it (python cli.py build-features --force)")
     return frame
@@ -170,7 +170,7 @@ def transform(spec: MatrixSpec, frame: pl.DataFrame) -> np.ndarray:
     """float32 matrix with spec.feature_names columns; nulls and unseen categories are NaN."""
     missing = [c for c in [*spec.numeric, *spec.categorical, *spec.arrays] if c not in frame.columns]
     if missing:
-        raise ValueError(f"feature columns {missing[:5]} (of {len(missing)}) are missing from the tables "
+        raise StaleTable(f"feature columns {missing[:5]} (of {len(missing)}) are missing from the tables "
                          f"{spec.tables}; the store was rebuilt with other settings than the models were trained on")
     blocks: list[np.ndarray] = []
     if spec.numeric:
@@ -185,16 +185,16 @@ def transform(spec: MatrixSpec, frame: pl.DataFrame) -> np.ndarray:
     for column, dim in spec.arrays.items():
         values = frame[column]
         if values.null_count():
-            raise ValueError(f"{column}: {values.null_count()} rows have no vector; rebuild that table")
+            raise StaleTable(f"{column}: {values.null_count()} rows have no vector; rebuild that table")
         matrix = values.to_numpy().astype(np.float32)
         if matrix.shape != (frame.height, dim):
-            raise ValueError(f"{column}: expected {dim}-dim vectors, got shape {matrix.shape}")
+            raise StaleTable(f"{column}: expected {dim}-dim vectors, got shape {matrix.shape}")
         blocks.append(matrix)
     if not blocks:
         # A purely sparse feature set, or none at all (a learner that reads only the item text): an empty block.
         if spec.sparse or not spec.tables:
             return np.zeros((frame.height, 0), dtype=np.float32)
-        raise ValueError(f"tables {spec.tables} hold no usable feature columns")
+        raise ConfigError(f"tables {spec.tables} hold no usable feature columns")
     return np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)
 
 
@@ -205,7 +205,7 @@ def sparse_block(store: FeatureStore, spec: MatrixSpec, ids: np.ndarray) -> sp.c
     blocks = []
     for table, width in spec.sparse.items():
         if sparse_width(store, table) != width:
-            raise ValueError(f"{table} has {sparse_width(store, table)} columns here but the models were trained on "
+            raise StaleTable(f"{table} has {sparse_width(store, table)} columns here but the models were trained on "
                              f"{width}; rebuild with the training store's vocabulary (or retrain)")
         block = read_sparse(store, table, ids)
         blocks.append(block[:, spec.sparse_columns[table]] if table in spec.sparse_columns else block)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featurestore.errors import ConfigError, InputError
+
 
 def _pair(true: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     true = np.asarray(true, dtype=np.float64)
@@ -30,7 +32,7 @@ def _pair(true: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarr
     for what, values in (("predictions", predicted), ("true values", true)):
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
-            raise ValueError(f"{bad.size} of {values.size} {what} are not finite (NaN or inf), positions "
+            raise InputError(f"{bad.size} of {values.size} {what} are not finite (NaN or inf), positions "
                              f"{bad[:5].tolist()}; a score over them would be meaningless")
     return true, predicted
 
@@ -47,7 +49,7 @@ def mape(true: np.ndarray, predicted: np.ndarray) -> float:
     true, predicted = _pair(true, predicted)
     zero = np.flatnonzero(true == 0)
     if zero.size:
-        raise ValueError(f"MAPE is undefined for a zero target: {zero.size} row(s), positions {zero[:5].tolist()}; "
+        raise InputError(f"MAPE is undefined for a zero target: {zero.size} row(s), positions {zero[:5].tolist()}; "
                          "use smape or mae for targets that can be 0")
     return float(100.0 * np.mean(np.abs(predicted - true) / np.abs(true)))
 
@@ -65,7 +67,7 @@ def rmse(true: np.ndarray, predicted: np.ndarray) -> float:
 def rmsle(true: np.ndarray, predicted: np.ndarray) -> float:
     true, predicted = _pair(true, predicted)
     if np.any(true <= -1) or np.any(predicted <= -1):
-        raise ValueError("RMSLE needs true values and predictions above -1")
+        raise InputError("RMSLE needs true values and predictions above -1")
     return float(np.sqrt(np.mean((np.log1p(predicted) - np.log1p(true)) ** 2)))
 
 
@@ -112,7 +114,7 @@ TARGETS = ("log1p", "log", "none")
 
 def metric(name: str) -> Metric:
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+        raise ConfigError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
     return METRICS[name]
 
 
@@ -130,7 +132,7 @@ def to_price(prediction: np.ndarray, target: str) -> np.ndarray:
         return np.clip(np.exp(prediction), 0.01, None)
     if target == "none":
         return np.clip(np.asarray(prediction, dtype=np.float64), 0.01, None)
-    raise ValueError(f"task.target = {target!r}; expected one of {', '.join(TARGETS)}")
+    raise ConfigError(f"task.target = {target!r}; expected one of {', '.join(TARGETS)}")
 
 
 def to_target(price: np.ndarray, target: str) -> np.ndarray:
@@ -141,4 +143,4 @@ def to_target(price: np.ndarray, target: str) -> np.ndarray:
         return np.log(price)
     if target == "none":
         return price
-    raise ValueError(f"task.target = {target!r}; expected one of {', '.join(TARGETS)}")
+    raise ConfigError(f"task.target = {target!r}; expected one of {', '.join(TARGETS)}")

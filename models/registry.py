@@ -11,7 +11,8 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-from featurestore.config import Config, ConfigError
+from featurestore.config import Config
+from featurestore.errors import ConfigError
 from models.base import LEARNERS, VARIANT_KEY, BaseLearner, learner_settings, register
 
 # Modules of models/ that hold the protocol and the machinery, not learners.
@@ -71,7 +72,7 @@ def register_variant(name: str, base: object) -> type[BaseLearner]:
 
 def learner_class(name: str) -> type[BaseLearner]:
     if name not in LEARNERS:
-        raise ValueError(f"unknown learner {name!r}; known: {', '.join(sorted(LEARNERS))}")
+        raise ConfigError(f"unknown learner {name!r}; known: {', '.join(sorted(LEARNERS))}")
     return LEARNERS[name]
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
-from featurestore.errors import StaleTable
+from featurestore.errors import ConfigError, InputError, MissingTable, StaleTable
 from featurestore.folds import fold_plan
 from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
@@ -126,7 +126,7 @@ def _finite(pred: np.ndarray, learner: str, fold: int, rows: str) -> np.ndarray:
     """Non-finite predictions are an error where they appear, never a table (nor a "perfect" score)."""
     bad = int(np.count_nonzero(~np.isfinite(pred)))
     if bad:
-        raise ValueError(f"{learner}, fold {fold}: {bad} of {len(pred)} {rows} predictions are NaN or infinite; "
+        raise InputError(f"{learner}, fold {fold}: {bad} of {len(pred)} {rows} predictions are NaN or infinite; "
                          f"check models.{learner} settings (learning rate, loss) and the feature tables")
     return pred
 
@@ -187,7 +187,7 @@ class TrainedLearner:
     def of(cls, store: FeatureStore, learner: str) -> TrainedLearner:
         info = store.info(oof_table(learner))
         if info is None:
-            raise FileNotFoundError(f"no trained '{learner}' in {store.root}; run `python cli.py train` first")
+            raise MissingTable(f"no trained '{learner}' in {store.root}; run `python cli.py train` first")
         missing = [f.name for f in fields(cls) if f.name not in info.extra]
         if missing:
             raise StaleTable(f"{oof_table(learner)} in {store.root} was trained by an older version (its record lacks "
@@ -255,10 +255,10 @@ class LearnerBuilder(FeatureBuilder):
         self._remove_stale_models(ctx.store, model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         if not self.tables and not self.cls.reads_text:
-            raise ValueError(f"learner {self.name} has no feature tables; list some in models.{self.name}.tables")
+            raise ConfigError(f"learner {self.name} has no feature tables; list some in models.{self.name}.tables")
         _, sparse_tables = split_tables(ctx.store, self.tables)
         if sparse_tables and not self.cls.reads_sparse:
-            raise ValueError(f"learner {self.name} does not read sparse tables; take {sparse_tables} out of "
+            raise ConfigError(f"learner {self.name} does not read sparse tables; take {sparse_tables} out of "
                              f"models.{self.name}.tables")
         frame = load_frame(ctx.store, self.tables)
         train = frame.filter(pl.col("split") == "train")

@@ -24,7 +24,8 @@ from featurestore.store import FeatureStore, Timer, file_sha256
 from models.matrix import MatrixSpec
 from models.train import SPEC_FILE, TrainedLearner, learner_builders, predict_saved
 from pipeline.registry import builders_for, config_as_built, require_fresh
-from stacking.stack import TrainedStack, meta_frame, stack_key, write_submission
+from stacking.artifacts import TrainedStack, stack_key, write_submission
+from stacking.inputs import meta_frame
 
 
 def prediction_store_dir(store: FeatureStore, input_path: Path) -> Path:
@@ -35,10 +36,10 @@ def _check_same_settings(trained: FeatureStore, derived: FeatureStore, tables: s
     for table in sorted(tables):
         old, new = trained.info(table), derived.info(table)
         if old is None or new is None:
-            raise RuntimeError(f"table {table} is missing from {'the training' if old is None else 'the prediction'} "
+            raise StaleTable(f"table {table} is missing from {'the training' if old is None else 'the prediction'} "
                                "store")
         if old.params != new.params:
-            raise RuntimeError(f"table {table} was built with {old.params} for training but {new.params} now; "
+            raise StaleTable(f"table {table} was built with {old.params} for training but {new.params} now; "
                                "rerun `python cli.py stack` with this config")
 
 

@@ -14,7 +14,7 @@ from features.target_encoding import TargetEncodingBuilder
 from features.text_sparse import TextSparseBuilder
 from featurestore.builders import FeatureBuilder, stale_tables
 from featurestore.config import Config, DataConfig
-from featurestore.errors import StaleTable
+from featurestore.errors import ConfigError, StaleTable
 from featurestore.store import FeatureStore, file_sha256
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def builders_for(config: Config, names: list[str] | None = None) -> list[Feature
     names = names if names is not None else config.builders
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
-        raise ValueError(f"unknown feature builder(s) {unknown}; known: {sorted(REGISTRY)}")
+        raise ConfigError(f"unknown feature builder(s) {unknown}; known: {sorted(REGISTRY)}")
     builders: list[FeatureBuilder] = []
     for name in names:
         builders += REGISTRY[name](config)

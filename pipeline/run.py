@@ -10,7 +10,7 @@ from featurestore.config import Config
 from featurestore.store import FeatureStore, Timer
 from models.train import learner_builders
 from pipeline.registry import require_fresh
-from stacking.stack import check_stack_settings, run_stack
+from pipeline.stack import check_stack_settings, run_stack
 
 
 def train_learners(config: Config, store: FeatureStore, names: list[str] | None = None, force: bool = False,

@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from featurestore.errors import IntegrityError, UserError
+from featurestore.errors import InputError, IntegrityError, UserError
 from featurestore.store import FeatureStore, array_casts, atomic_write, quote_ident
 
 EXPLAIN_ANALYZE = re.compile(r"^\s*EXPLAIN\s*(\(\s*)?ANALY[SZ]E\b", re.IGNORECASE)
@@ -36,9 +36,9 @@ def _statements(query: str) -> list[duckdb.Statement]:
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.ParserException as exc:
-        raise ValueError(f"SQL does not parse: {exc}") from exc
+        raise InputError(f"SQL does not parse: {exc}") from exc
     if not statements:
-        raise ValueError("no SQL statement given")
+        raise InputError("no SQL statement given")
     return statements
 
 
@@ -119,5 +119,5 @@ def export_query(store: FeatureStore, query: str, out: Path) -> int:
 def _relation(con: duckdb.DuckDBPyConnection, query: str) -> duckdb.DuckDBPyRelation:
     relation = con.sql(query)
     if relation is None:
-        raise ValueError("the statement returned no rows to show")
+        raise InputError("the statement returned no rows to show")
     return relation

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from featurestore.errors import MissingTable
 from featurestore.names import PREDICTIONS, STACK_OOF, oof_table  # noqa: E402
 from featurestore.store import FeatureStore, atomic_write  # noqa: E402
 from models.metrics import metric  # noqa: E402
@@ -58,7 +59,7 @@ def oof_predictions(store: FeatureStore, learners: list[str]) -> pl.DataFrame:
 def build_report(store: FeatureStore, out: Path, bands: int = 5) -> Path:
     info = store.info(PREDICTIONS)
     if info is None or not store.has_table(STACK_OOF):
-        raise FileNotFoundError(f"no stack in {store.root}; run `python cli.py stack` first")
+        raise MissingTable(f"no stack in {store.root}; run `python cli.py stack` first")
     record = info.extra
     learners = list(record["learners"])
     name_of_metric = record["metric"].upper()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -15,6 +16,11 @@ sys.path.insert(0, str(ROOT))
 
 from featurestore.config import Config, load_config  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
+
+# The plug-ins shipped with the tests register before collection, so the registry-wide contract tests (every
+# learner, every meta-learner) cover them like the built-ins, without naming them.
+for _plugin in ("tests.toy_learner", "tests.toy_meta"):
+    importlib.import_module(_plugin)
 
 SAMPLE = ROOT / "data" / "sample"
 SHARED = ROOT.parent / "shared" / "data"

@@ -33,8 +33,11 @@ from models.train import LearnerBuilder, TrainedLearner, predict_saved
 from pipeline.predict import _check_same_folds, predict_file, prediction_store_dir
 from pipeline.registry import builders_for, require_fresh
 from pipeline.run import train_and_stack
+from pipeline.stack import run_stack
 from sql.readonly import run_query
-from stacking.stack import StackInputs, TrainedStack, meta_frame, run_stack, run_study
+from stacking.artifacts import TrainedStack
+from stacking.inputs import StackInputs, meta_frame
+from stacking.study import run_study
 from tests.conftest import ROOT, SAMPLE, kill9, start_until
 from tests.test_models import build, fast_config
 
@@ -364,7 +367,7 @@ def test_a_damaged_journal_score_is_evaluated_again_not_trusted(tmp_path: Path,
     """Audit case: one flipped digit in a journal score made another meta-learner win, exit 0."""
     from optuna.storages.journal import JournalFileBackend
 
-    import stacking.stack as stack_module
+    import stacking.study as stack_module
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = load_config(None, {"stacking.metas": ["blend", "ridge"]})
@@ -448,7 +451,7 @@ def test_what_a_killed_writer_leaves_is_cleaned_and_the_next_stack_does_not_stal
         from pathlib import Path
         sys.path.insert(0, {str(ROOT)!r})
         from featurestore.store import FeatureStore, atomic_write
-        from stacking.stack import journal_storage
+        from stacking.journal import journal_storage
         store = FeatureStore({str(store.root)!r})
         journal_storage(store)._backend._lock.acquire()
         def hang(tmp):
@@ -459,7 +462,7 @@ def test_what_a_killed_writer_leaves_is_cleaned_and_the_next_stack_does_not_stal
     """)], marker)
     kill9(victim)
     assert list(store.tables_dir.glob(".tmp-*")) and os.path.lexists(f"{store.journal_path}.lock")  # the mess
-    from stacking.stack import journal_storage
+    from stacking.journal import journal_storage
 
     start = time.perf_counter()
     again = FeatureStore(store.root)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stacking.meta import BlendMeta, _pseudo_huber
+from stacking.meta_linear import BlendMeta, _pseudo_huber
 
 
 def _correlated_predictions(n_base: int, rows: int = 20_000) -> tuple[np.ndarray, np.ndarray]:

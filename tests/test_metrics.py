@@ -80,7 +80,8 @@ def test_a_learner_fit_for_mape_moves_below_the_median_and_one_fit_for_l2_above(
 def test_the_stack_is_chosen_by_the_configured_metric() -> None:
     """Two base learners: one predicts the median (SMAPE's pick), one the 1/y-weighted median (MAPE's). The
     stack's `single` candidate and its reported scores follow task.metric."""
-    from stacking.stack import StackInputs, run_levels
+    from stacking.inputs import StackInputs
+    from stacking.levels import run_levels
 
     rng = np.random.default_rng(1)
     n = 600

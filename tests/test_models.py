@@ -29,7 +29,9 @@ from models.train import cross_fit, make_learner, predict_saved
 from pipeline.predict import predict_file, prediction_store_dir
 from pipeline.registry import builders_for
 from pipeline.run import train_and_stack
-from stacking.stack import StackInputs, journal_storage, meta_frame, run_levels, stack_inputs
+from stacking.inputs import StackInputs, meta_frame, stack_inputs
+from stacking.journal import journal_storage
+from stacking.levels import run_levels
 from tests.conftest import ROOT, kill9, make_config, start_until
 
 FAST = {
@@ -326,7 +328,7 @@ def test_cli_stack_predict_report(stacked, tmp_path: Path) -> None:
 def test_interrupted_stack_resumes_to_identical_results(stacked, tmp_path: Path, monkeypatch) -> None:
     """A crash mid-study leaves finished candidates in the journal; the rerun evaluates only the missing ones
     and ends with exactly the uninterrupted run's predictions."""
-    import stacking.stack as stack_module
+    import stacking.study as stack_module
 
     config, store, _ = stacked
     frame = meta_frame(store, config.models.learners, config.stacking.raw_features)

@@ -47,7 +47,10 @@ def test_a_plugin_learner_trains_and_stacks_through_the_cli(tmp_path: Path) -> N
     pl.read_parquet(SAMPLE / "test.parquet").head(20).write_parquet(test)
     config = tmp_path / "c.toml"
     # Plus a variant of a built-in learner: its own section, its own oof table, stacked beside its base.
+    # And a plug-in meta-learner (tests/toy_meta.py): one module named in models.plugins, picked in stacking.metas.
     config.write_text(FAST.replace('learners = ["toy", "ridge"]', 'learners = ["toy", "ridge", "ridge_strong"]')
+                      .replace('plugins = ["tests.toy_learner"]', 'plugins = ["tests.toy_learner", "tests.toy_meta"]')
+                      .replace("raw_features = []", 'raw_features = []\nmetas = ["toy_median", "blend"]')
                       + '[models.ridge_strong]\nlearner = "ridge"\nalpha = 300.0\n')
     common = ["--config", str(config), "--store", str(tmp_path / "s")]
 
@@ -59,8 +62,9 @@ def test_a_plugin_learner_trains_and_stacks_through_the_cli(tmp_path: Path) -> N
 
     cli("build-features", "--train", str(train), "--test", str(test))
     assert "oof__toy" in cli("train", "--learner", "toy")
-    stacked = cli("stack", "--trials", "3")
+    stacked = cli("stack", "--trials", "4")
     assert "toy" in stacked and "ridge_strong" in stacked and "stack" in stacked
+    assert '"toy_median"' in (tmp_path / "s" / "optuna.journal").read_text()  # the plug-in meta was a candidate
     tables = tmp_path / "s" / "tables"
     ridge, strong = (pl.read_parquet(tables / f"oof__{n}.parquet") for n in ("ridge", "ridge_strong"))
     assert not np.allclose(ridge["pred"].to_numpy(), strong["pred"].to_numpy())  # alpha reached the variant

@@ -202,7 +202,7 @@ def test_a_crash_between_rename_and_manifest_is_detected(small_config: Config, m
 
 
 def test_a_torn_journal_line_is_cut_and_a_damaged_one_is_named(tmp_path: Path) -> None:
-    from stacking.stack import journal_storage
+    from stacking.journal import journal_storage
 
     store = FeatureStore(tmp_path / "s")
     journal = store.root / "optuna.journal"

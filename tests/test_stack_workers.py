@@ -15,7 +15,8 @@ def test_workers_start_after_openmp_in_the_parent() -> None:
         import sys; sys.path.insert(0, ".")
         import numpy as np, lightgbm as lgb
         from featurestore.config import Config
-        from stacking.stack import StackInputs, run_levels
+        from stacking.inputs import StackInputs
+        from stacking.levels import run_levels
         rng = np.random.default_rng(0)
         x = rng.normal(size=(3000, 5)); y = x @ rng.normal(size=5)
         lgb.train({"num_threads": 2, "verbosity": -1}, lgb.Dataset(x, y), 20)  # OpenMP pool in the parent

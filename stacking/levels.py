@@ -1,0 +1,83 @@
+"""Levels and selection: the nested level-2 CV (each outer fold predicted by the candidate its own inner CV chose,
+so the reported score is measured on rows its tuning never saw) and the final meta-learner, chosen by the CV over
+all training rows and refitted on them. Pure given its inputs: no store I/O."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+
+from featurestore.config import Config
+from models.metrics import metric
+from stacking.inputs import StackInputs
+from stacking.meta import MetaLearner, meta_class
+from stacking.study import Candidate, Scores, fit_candidate, run_study
+
+log = logging.getLogger(__name__)
+
+
+def _choose(done: dict[int, tuple[Candidate, Scores]], key: Any) -> tuple[Candidate, Scores]:
+    """Lowest score (ties: lowest candidate index); key = an outer fold k, or "final"."""
+    def score(item: tuple[int, tuple[Candidate, Scores]]) -> tuple[float, int]:
+        _, (_, s) = item
+        return (s.final if key == "final" else s.inner[key], item[0])
+
+    return min(done.items(), key=score)[1]
+
+
+@dataclass
+class StackResult:
+    meta_oof: np.ndarray  # log1p-price meta-predictions of train rows (nested: chosen without their fold)
+    test_pred: np.ndarray  # log1p-price predictions of test rows by the final meta-learner
+    final_meta: MetaLearner
+    final_name: str
+    final_params: dict[str, Any]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def run_levels(inputs: StackInputs, config: Config, trials: int, storage: optuna.storages.BaseStorage | None,
+               key: str, workers: int = 1) -> StackResult:
+    """Nested level-2 CV (honest stack score) + the final meta-learner. Pure given its inputs: no store I/O."""
+    seed = config.stacking.seed
+    train_rows = np.flatnonzero(inputs.fold >= 0)
+    test_rows = np.flatnonzero(inputs.fold < 0)
+    folds = sorted(set(inputs.fold[train_rows].tolist()))
+    done = run_study(f"{key}-candidates", inputs, config, trials, storage, workers)
+    final, final_scores = _choose(done, "final")
+    meta_oof = np.full(len(inputs.ids), np.nan)
+    outer: dict[int, dict[str, Any]] = {}
+    for k in folds:
+        # Nested: fold k is predicted by the candidate its inner CV (rows outside fold k) chose; not nested
+        # (optimistic, flagged in the record): by the candidate all rows chose.
+        chosen, scores = _choose(done, k) if config.stacking.nested else (final, final_scores)
+        at = scores.at.get(str(k) if config.stacking.nested else "final")
+        held = train_rows[inputs.fold[train_rows] == k]
+        meta = fit_candidate(chosen, inputs, train_rows[inputs.fold[train_rows] != k], seed, None, at)
+        meta_oof[held] = meta.predict(inputs.x[held])
+        outer[k] = {"meta": chosen.meta, "params": chosen.params, "candidate": chosen.index,
+                    "inner_cv": round(scores.inner[k], 4), "rounds": at}
+    meta = fit_candidate(final, inputs, train_rows, seed, None, final_scores.at.get("final"))
+    test_pred = meta.predict(inputs.x[test_rows]) if len(test_rows) else np.zeros(0)
+    price = inputs.price[train_rows]
+    score = metric(inputs.metric).score
+    base_cv = {n: round(score(price, np.expm1(inputs.x[train_rows, i])), 4)
+               for i, n in enumerate(inputs.feature_names[: inputs.n_base])}
+    mean_blend = np.expm1(inputs.x[train_rows, : inputs.n_base].mean(axis=1))
+    final_params = dict(final.params)
+    if final_scores.at.get("final") is not None:
+        final_params[meta_class(final.meta).curve_param] = final_scores.at["final"]  # type: ignore[index]
+    record = {
+        "trials": trials, "candidates": len(done), "nested": config.stacking.nested,
+        "metas": list(config.stacking.metas), "best_meta": final.meta, "best_params": final_params,
+        "metric": inputs.metric, "final_cv": round(final_scores.final, 4),
+        "stack_cv": round(score(price, np.expm1(meta_oof[train_rows])), 4),
+        "base_cv": base_cv, "best_single_cv": min(base_cv.values()),
+        "mean_blend_cv": round(score(price, mean_blend), 4),
+        "outer_folds": outer, "meta_features": inputs.feature_names, "train_rows": len(train_rows),
+        "test_rows": len(test_rows),
+    }
+    return StackResult(meta_oof, test_pred, meta, final.meta, final_params, record)
