@@ -25,6 +25,7 @@ from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.errors import ConfigError, UserError
+from featurestore.names import image_emb_table
 from featurestore.store import file_sha256
 
 IMAGE_FILES_SCHEMA = {
@@ -187,7 +188,7 @@ class ImageEmbeddingBuilder(FeatureBuilder):
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.table = f"image_emb__{config.images.alias}"
+        self.table = image_emb_table(config.images.alias)
 
     def params(self) -> dict[str, Any]:
         i = self.config.images

@@ -20,12 +20,12 @@ from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.errors import ConfigError, UserError
+from featurestore.names import TEXT_EMB_PREFIX, text_emb_table
 from featurestore.text_weights import resolve_text_model
 
 
 def table_name(alias: str) -> str:
-    safe = "".join(ch if ch.isalnum() else "_" for ch in alias.split("/")[-1].lower())
-    return f"text_emb__{safe}"
+    return text_emb_table(alias)
 
 
 def resolve_backend(config: Config) -> str:
@@ -54,7 +54,7 @@ def load_sentence_model(name: str, config: Config) -> Any:
         if not Path(path).is_dir():
             raise UserError(f"text_embeddings.backend = {backend!r} exports local weights; {name!r} is not a "
                             "folder (use the minilm/mpnet aliases, a local folder, or backend = \"torch\")")
-        alias = table_name(name).removeprefix("text_emb__")
+        alias = table_name(name).removeprefix(TEXT_EMB_PREFIX)
         onnx_path = exported_model(model, alias, Path(path), Path(tcfg.cache_dir).expanduser(), backend)
         return OnnxSentenceEncoder(model, onnx_path, threads=config.models.threads or os.cpu_count() or 1)
     if device.startswith("cuda"):

@@ -22,12 +22,13 @@ from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.errors import ConfigError, StaleTable
 from featurestore.folds import fold_plan
+from featurestore.names import knn_space_name, knn_table
 
 TIE_MARGIN = 16  # extra neighbours fetched so ties at the k-th place can be broken by id
 
 
 def short_name(space: str) -> str:
-    return space.replace("_emb__", "_")
+    return knn_space_name(space)
 
 
 def make_index(dim: int, kind: str, n_train: int) -> faiss.Index:
@@ -149,7 +150,7 @@ class KnnBuilder(FeatureBuilder):
         self.config = config
         self.space = space
         self.tables = list(config.knn.concat) if space == "concat" else [space]
-        self.table = f"knn__{short_name(space)}"
+        self.table = knn_table(space)
         extra = ("image_files",) if config.columns.image and config.knn.exclude_duplicates else ()
         self.inputs = ("items", "folds", *self.tables, *extra)
 

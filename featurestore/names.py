@@ -11,6 +11,31 @@ PREDICTIONS = "predictions"
 OOF_PREFIX = "oof__"
 
 
+TEXT_EMB_PREFIX = "text_emb__"
+IMAGE_EMB_PREFIX = "image_emb__"
+KNN_PREFIX = "knn__"
+
+
+def text_emb_table(model: str) -> str:
+    """`text_emb__<model>`: a text encoder's vectors; a hub name or folder keeps its last part, made safe."""
+    safe = "".join(ch if ch.isalnum() else "_" for ch in model.split("/")[-1].lower())
+    return f"{TEXT_EMB_PREFIX}{safe}"
+
+
+def image_emb_table(alias: str) -> str:
+    """`image_emb__<alias>`: the configured image encoder's vectors."""
+    return f"{IMAGE_EMB_PREFIX}{alias}"
+
+
+def knn_table(space: str) -> str:
+    """`knn__<space>` for a search space: `text_emb__minilm` -> `knn__text_minilm`, `concat` -> `knn__concat`."""
+    return f"{KNN_PREFIX}{knn_space_name(space)}"
+
+
+def knn_space_name(space: str) -> str:
+    return space.replace("_emb__", "_")
+
+
 def learner_of(table: str) -> str:
     """The learner an `oof__<learner>` table belongs to."""
     if not table.startswith(OOF_PREFIX):

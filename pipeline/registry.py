@@ -15,6 +15,7 @@ from features.text_sparse import TextSparseBuilder
 from featurestore.builders import FeatureBuilder, stale_tables
 from featurestore.config import Config, DataConfig
 from featurestore.errors import ConfigError, StaleTable
+from featurestore.names import image_emb_table
 from featurestore.store import FeatureStore, file_sha256
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def _knn(config: Config) -> list[FeatureBuilder]:
     # Spaces whose embedding table this config does not build (no images, a model left out) are skipped.
     built = {table_name(m) for m in config.text_embeddings.models}
     if config.columns.image:
-        built.add(f"image_emb__{config.images.alias}")
+        built.add(image_emb_table(config.images.alias))
     spaces = []
     for space in config.knn.spaces:
         needs = config.knn.concat if space == "concat" else [space]

@@ -1,8 +1,8 @@
 """`python cli.py report`: one self-contained HTML page (PNG charts inlined) about the last stack run.
 
 The task's metric for each base learner, the mean blend and the stack (all out of fold); the metric by
-true-value band; GBDT
-feature importance (gain, mean over folds); predicted vs true prices of the stack's out-of-fold predictions.
+true-value band; the feature importance every learner records (gain for the GBDTs, mean over folds); predicted
+vs true prices of the stack's out-of-fold predictions.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from featurestore.errors import MissingTable
+from featurestore.errors import MissingTable  # noqa: E402
 from featurestore.names import PREDICTIONS, STACK_OOF, oof_table  # noqa: E402
 from featurestore.store import FeatureStore, atomic_write  # noqa: E402
 from models.metrics import metric  # noqa: E402
 from models.train import TrainedLearner  # noqa: E402
-
-GBDTS = ("lgbm", "xgb", "catboost")
 
 
 def _png(fig: plt.Figure) -> str:
@@ -93,9 +91,7 @@ def build_report(store: FeatureStore, out: Path, bands: int = 5) -> Path:
     band_chart = _png(fig)
 
     importance_html = []
-    for name in learners:
-        if name not in GBDTS:
-            continue
+    for name in learners:  # every learner that records an importance (GBDTs, variants, plug-ins alike)
         top = TrainedLearner.of(store, name).importance_top
         items = list(top.items())[:20]
         if not items:
@@ -126,7 +122,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}</style></head><bod
 nested CV: {record['nested']}. Final meta-learner: {best}.</p>
 <h2>{name_of_metric} per base learner vs the stack (out of fold)</h2>{_table(scores)}{score_chart}
 <h2>{name_of_metric} by true-price band</h2>{_table(band_table)}{band_chart}
-<h2>GBDT feature importance</h2>{''.join(importance_html) or '<p>no GBDT learner in this stack</p>'}
+<h2>Feature importance</h2>{''.join(importance_html) or '<p>no learner in this stack records importance</p>'}
 <h2>Predicted vs true (stack, out of fold)</h2>{scatter}
 </body></html>"""
     atomic_write(out, lambda tmp: tmp.write_text(page))
