@@ -77,7 +77,7 @@ def query_items(store: FeatureStore, select: list[str], joins: list[str]) -> pl.
         items = con.execute("SELECT count(*) FROM items").fetchone()[0]  # type: ignore[index]
     if frame.height != items:
         # A table with two rows for one id would fan the join out and silently weight that item twice.
-        raise StaleTable(f"joining {', '.join(j.split()[1] for j in joins) or 'folds'} onto items gave "
+        raise StaleTable(f"joining {', '.join(j.split()[2] for j in joins) or 'folds'} onto items gave "
                            f"{frame.height} rows for {items} items: a joined table has repeated sample_ids; "
                            "rebuild it (python cli.py build-features --force)")
     return frame

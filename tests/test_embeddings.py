@@ -13,6 +13,7 @@ from PIL import Image
 
 from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
+from featurestore.errors import InputError
 from featurestore.store import FeatureStore
 from pipeline.registry import builders_for
 from tests.conftest import SAMPLE, make_config
@@ -342,6 +343,6 @@ def test_a_lossy_int8_export_is_refused(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(onnx_text, "_quantize", damaged)
     config = load_config(None, {"text_embeddings.backend": "onnx_int8", "text_embeddings.cache_dir": str(tmp_path)})
-    with pytest.raises(RuntimeError, match="int8 export keeps mean cosine"):
+    with pytest.raises(InputError, match="int8 export keeps mean cosine"):
         load_sentence_model("minilm", config)
     assert list((tmp_path / "onnx").iterdir()) == [], "a refused export left files in the cache"

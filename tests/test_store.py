@@ -12,6 +12,7 @@ import pytest
 
 from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
+from featurestore.errors import StaleTable
 from featurestore.store import FeatureStore
 from pipeline.registry import builders_for
 from tests.conftest import ROOT, kill9, start_until
@@ -142,7 +143,7 @@ def test_a_join_that_fans_out_is_an_error(small_config: Config, store: FeatureSt
     doubled = pl.concat([catalog, catalog.head(3)])
     info = store.info("catalog")
     store.write("catalog", doubled, builder="test", params=info.params, fingerprint=info.fingerprint, seconds=0.0)
-    with pytest.raises(RuntimeError, match="repeated sample_ids"):
+    with pytest.raises(StaleTable, match='joining "catalog" onto items gave 53 rows.*repeated sample_ids'):
         load_frame(store, ["catalog"])
 
 
