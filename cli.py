@@ -61,6 +61,8 @@ def _config(config_path: Path | None, overrides: dict[str, Any], quiet: bool) ->
                         stream=sys.stderr)
     if config_path is None and DEFAULT_CONFIG.is_file():
         config_path = DEFAULT_CONFIG
+    import models.base  # noqa: F401  registers the check of every [models.<name>] section, run at load
+
     return load_config(config_path, overrides)
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from featurestore.config import load_config  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
+from models.base import learner_settings  # noqa: E402
 from models.matrix import load_frame  # noqa: E402
 
 STORES = ROOT / "benchmarks" / ".stores"
@@ -102,7 +103,7 @@ def reset_models(store_dir: Path) -> None:
 
 def autogluon(python: str, store_dir: Path, config_path: Path, budget_s: float) -> dict:
     config = load_config(config_path, {"store.dir": str(store_dir)})
-    frame = load_frame(FeatureStore(store_dir), config.models.lgbm.tables)
+    frame = load_frame(FeatureStore(store_dir), learner_settings(config, "lgbm").tables)
     with tempfile.TemporaryDirectory() as tmp:
         frame.write_parquet(Path(tmp) / "features.parquet")
         out = Path(tmp) / "autogluon.json"

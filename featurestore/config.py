@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,59 +192,6 @@ def default_sparse_fields() -> list[SparseFieldConfig]:
     ]
 
 
-GBDT_TABLES = ["catalog", "target_enc", "knn__text_minilm", "knn__text_mpnet", "knn__image_resnet", "knn__concat"]
-
-
-@dataclass
-class GbdtConfig:
-    # Feature set: tables joined on sample_id (DuckDB). Strings become categories when few enough, else dropped.
-    tables: list[str] = field(default_factory=lambda: list(GBDT_TABLES))
-    objective: str = choice("auto", "huber", "l1", "l2")  # on the transformed target; auto: from task.metric
-    rounds: int = at_least(2000, 1)
-    learning_rate: float = positive(0.05)
-    early_stopping_rounds: int = at_least(100, 1)
-    # Extra library parameters passed as is (e.g. {num_leaves = 63} for LightGBM).
-    params: dict[str, Any] = field(default_factory=dict)
-    # Sparse tables in `tables`: keep this many columns (most frequent terms in the training rows); 0 = all.
-    max_sparse_columns: int = 0
-
-
-@dataclass
-class MlpConfig:
-    # Sparse tables (text_sparse) go straight into the first layer through an EmbeddingBag, never densified.
-    tables: list[str] = field(default_factory=lambda: ["catalog", "text_emb__minilm", "text_emb__mpnet",
-                                                       "image_emb__resnet", "text_sparse"])
-    objective: str = choice("auto", "huber", "l1", "l2")
-    hidden: list[int] = field(default_factory=lambda: [256, 64])
-    dropout: float = 0.1
-    epochs: int = at_least(20, 1)
-    batch_size: int = at_least(256, 1)
-    learning_rate: float = positive(0.002)
-    weight_decay: float = 1e-5
-    early_stopping_epochs: int = at_least(4, 1)
-    # Models averaged inside each fold (seeds seed, seed+1000, ...): Mercari's winners averaged several.
-    members: int = at_least(1, 1)
-    # Odd-numbered members see the sparse input binarised (value > 0 -> 1), a variant the winners mixed in.
-    binary_variant: bool = False
-
-
-def sparse_mlp_config() -> MlpConfig:
-    """Mercari-winner style: wide first layer over the sparse text, small dense tables, a few members."""
-    return MlpConfig(tables=["catalog", "target_enc", "text_sparse"], hidden=[256, 64, 64], dropout=0.1,
-                     epochs=12, batch_size=256, learning_rate=0.003, weight_decay=1e-5, early_stopping_epochs=2,
-                     members=2, binary_variant=True)
-
-
-@dataclass
-class LinearConfig:
-    """Ridge regression on the (log) target over sparse tables + standardised dense columns."""
-
-    tables: list[str] = field(default_factory=lambda: ["catalog", "target_enc", "text_sparse"])
-    alpha: float = 3.0
-    # Standardised dense values are clipped to +-clip so one extreme number cannot dominate a linear model.
-    clip: float = 5.0
-
-
 @dataclass
 class ModelsConfig:
     # Base learners (names from models.registry); each writes oof__<name>.
@@ -255,21 +203,13 @@ class ModelsConfig:
     max_categories: int = 100
     # Early stopping watches this share of the training folds (chosen by id hash), never the validation fold.
     early_stopping_fraction: float = 0.1
-    lgbm: GbdtConfig = field(default_factory=GbdtConfig)
-    xgb: GbdtConfig = field(default_factory=GbdtConfig)
-    catboost: GbdtConfig = field(default_factory=lambda: GbdtConfig(rounds=1500, learning_rate=0.08))
-    mlp: MlpConfig = field(default_factory=MlpConfig)
-    ridge: LinearConfig = field(default_factory=LinearConfig)
-    # LightGBM reading the sparse text beside the dense tables (the GBDTs see words).
-    lgbm_text: GbdtConfig = field(default_factory=lambda: GbdtConfig(
-        tables=[*GBDT_TABLES, "text_sparse"], learning_rate=0.1, early_stopping_rounds=50, max_sparse_columns=20_000,
-        params={"num_leaves": 63, "feature_fraction": 0.5, "min_data_in_leaf": 10}))
-    mlp_sparse: MlpConfig = field(default_factory=sparse_mlp_config)
-    # Modules (import paths) of learners kept outside models/, each with an @register'ed class; their
-    # `[models.<name>]` sections are validated against the class's `settings_type` when the learner is used.
+    # Modules (import paths) of learners and meta-learners kept outside models/ and stacking/, each with a
+    # registered class.
     plugins: list[str] = field(default_factory=list)
-    # The raw `[models.<name>]` sections of plug-in learners (filled from the file; not written in TOML as such).
-    plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"sections": True})
+    # The raw `[models.<name>]` sections, one per learner (not written in TOML as such). Each learner's settings
+    # dataclass lives beside the learner (models/gbdt.py, mlp.py, linear.py, finetune.py, plug-ins); a section is
+    # validated against it by the hooks below when the learners are importable (models.base registers one).
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"sections": True})
 
 
 @dataclass
@@ -390,6 +330,12 @@ def _items(cls: type, value: Any, where: str) -> list[Any]:
     return out
 
 
+# Checks a higher layer registers for the parts of a config it owns (models.base validates every `[models.<name>]`
+# section against its learner's settings): this module cannot import the learners, yet a bad learner key must still
+# fail at load, before anything runs.
+SECTION_CHECKS: list[Callable[[Config], None]] = []
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the TOML file (if any), then dotted overrides such as {"store.dir": "/tmp/s"}."""
     config = Config()
@@ -411,6 +357,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for parent in reversed(parents):
             nested = {parent: nested}
         _apply(config, nested, "override")
+    for check in SECTION_CHECKS:
+        check(config)
     check_settings(config)
     return config
 
@@ -450,10 +398,7 @@ def check_no_label_reads(config: Config) -> None:
         if target in names:
             raise ConfigError(f"columns.{role} names {target!r}, the target column (columns.target): the label "
                               "would become a feature; take it out")
-    sections: list[tuple[str, Any]] = [(f.name, getattr(config.models, f.name).tables)
-                                       for f in dataclasses.fields(config.models)
-                                       if hasattr(getattr(config.models, f.name), "tables")]
-    sections += [(name, raw["tables"]) for name, raw in config.models.plugin_settings.items() if "tables" in raw]
+    sections = [(name, raw["tables"]) for name, raw in config.models.sections.items() if "tables" in raw]
     for name, tables in sections:
         for table in tables if isinstance(tables, list) else [tables]:
             problem = feature_table_problem(table)

@@ -14,19 +14,35 @@ from __future__ import annotations
 import copy
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
-from featurestore.config import Config, apply_settings
+from featurestore.config import SECTION_CHECKS, Config, apply_settings, choice
 from featurestore.errors import ConfigError
 
 OBJECTIVES = ("huber", "l1", "l2")
 # "auto": the loss the task's metric calls for (models.metrics: smape -> huber, mape/mae -> l1, rmse/rmsle -> l2).
 AUTO = "auto"
+
+
+@dataclass
+class LearnerSettings:
+    """What every `[models.<name>]` section has; each learner's settings dataclass extends it (beside the learner:
+    models/gbdt.py, mlp.py, linear.py, finetune.py, or a plug-in's module)."""
+
+    # Feature set: tables joined on sample_id (DuckDB). Strings become categories when few enough, else dropped.
+    tables: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WithObjective(LearnerSettings):
+    """Settings of a learner that fits a chosen loss on the transformed target."""
+
+    objective: str = choice("auto", "huber", "l1", "l2")  # auto: the loss task.metric calls for
 
 
 @dataclass
@@ -68,9 +84,8 @@ class BaseLearner(ABC):
     reads_sparse: ClassVar[bool] = False
     # Learners that early-stop get a watch slice of the fold's training rows; the others train on all of them.
     uses_early_stopping: ClassVar[bool] = True
-    # A plug-in learner's settings dataclass (its `[models.<name>]` section is validated into one; it needs a
-    # `tables` list). Built-in learners' settings are the config's own sections.
-    settings_type: ClassVar[type | None] = None
+    # The settings dataclass its `[models.<name>]` section is validated into (extends LearnerSettings).
+    settings_type: ClassVar[type[LearnerSettings]] = LearnerSettings
     # Whether fitting honours Inputs.weight (the metric's row weights); cross-fitting records it either way.
     supports_weights: ClassVar[bool] = False
     # Whether it reads the items' text (Inputs.text) rather than, or beside, feature tables.
@@ -91,6 +106,21 @@ class BaseLearner(ABC):
         self.categorical = categorical
         self.best_iteration_: int | None = None
         self.fitted_ = False
+
+    @classmethod
+    def default_settings(cls) -> LearnerSettings:
+        """The settings before its section is applied (a learner may start from other defaults than its type's)."""
+        return cls.settings_type()
+
+    @classmethod
+    def sparse_column_cap(cls, settings: LearnerSettings) -> int:
+        """How many columns of each sparse table it reads (most frequent first); 0 = all."""
+        return 0
+
+    @classmethod
+    def fitted_objective(cls, settings: LearnerSettings) -> str:
+        """The loss it fits, for the record ("l2" for a learner without an objective setting)."""
+        return settings.objective if isinstance(settings, WithObjective) else "l2"
 
     # -- template methods ---------------------------------------------------------------------------
     def fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None = None, y_watch: np.ndarray | None = None
@@ -182,6 +212,9 @@ def register(cls: type[BaseLearner]) -> type[BaseLearner]:
     name = getattr(cls, "name", "")
     if not name or not name.replace("_", "").isalnum():
         raise ConfigError(f"{cls.__name__}.name = {name!r}; expected letters, digits and '_'")
+    if not (isinstance(cls.settings_type, type) and issubclass(cls.settings_type, LearnerSettings)):
+        raise ConfigError(f"{cls.__module__}.{cls.__name__}.settings_type must be a dataclass extending "
+                          "models.base.LearnerSettings")
     if name in LEARNERS and LEARNERS[name] is not cls:
         raise ConfigError(f"learner name {name!r} is taken by {LEARNERS[name].__module__}.{LEARNERS[name].__name__}; "
                          f"give {cls.__module__}.{cls.__name__} another `name`")
@@ -190,20 +223,28 @@ def register(cls: type[BaseLearner]) -> type[BaseLearner]:
 
 
 def learner_settings(config: Config, name: str) -> Any:
-    """The `[models.<name>]` section, the one place settings are looked up: a built-in section of the config,
-    or a plug-in's raw section validated into its class's `settings_type`."""
-    settings = getattr(config.models, name, None)
-    base = LEARNERS[name].variant_of if name in LEARNERS else None
-    if settings is None and base is not None and name in config.models.plugin_settings:
-        # A variant: the base learner's resolved section, then the variant's own keys (validated the same way).
-        raw = {k: v for k, v in config.models.plugin_settings[name].items() if k != VARIANT_KEY}
-        return apply_settings(copy.deepcopy(learner_settings(config, base)), raw, f"models.{name}")
-    if settings is None and name in LEARNERS and LEARNERS[name].settings_type is not None:
-        raw = config.models.plugin_settings.get(name, {})
-        settings = apply_settings(LEARNERS[name].settings_type(), raw, f"models.{name}")  # type: ignore[misc]
-    if settings is None or not hasattr(settings, "tables"):
-        raise ConfigError(f"learner {name!r} has no [models.{name}] section in the config; add one with its `tables`")
-    return settings
+    """The `[models.<name>]` section validated into the learner's settings (the one place settings are looked up):
+    the learner's defaults, then the section's keys. A variant starts from its base learner's resolved settings."""
+    cls = LEARNERS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown learner {name!r}; known: {', '.join(sorted(LEARNERS))}")
+    raw = {k: v for k, v in config.models.sections.get(name, {}).items() if k != VARIANT_KEY}
+    start = (copy.deepcopy(learner_settings(config, cls.variant_of)) if cls.variant_of is not None
+             else cls.default_settings())
+    return apply_settings(start, raw, f"models.{name}")
+
+
+def check_sections(config: Config) -> None:
+    """Every `[models.<name>]` section and every configured learner resolves (unknown keys, types, bounds), at
+    load: plug-in modules are imported and variants registered first."""
+    from models.registry import load_plugins
+
+    load_plugins(config)
+    for name in dict.fromkeys([*config.models.sections, *config.models.learners]):
+        learner_settings(config, name)
+
+
+SECTION_CHECKS.append(check_sections)
 
 
 def check_objective(learner: str, objective: str) -> str:

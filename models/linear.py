@@ -9,6 +9,7 @@ training rows. Saved as safetensors (coefficients, intercept, scaling), never pi
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,17 @@ from safetensors.numpy import load_file, save_file
 from sklearn.linear_model import Ridge
 
 from featurestore.store import atomic_write
-from models.base import BaseLearner, Inputs, register
+from models.base import BaseLearner, Inputs, LearnerSettings, register
+
+
+@dataclass
+class LinearSettings(LearnerSettings):
+    """`[models.ridge]`: ridge regression on the (log) target over sparse tables + standardised dense columns."""
+
+    tables: list[str] = field(default_factory=lambda: ["catalog", "target_enc", "text_sparse"])
+    alpha: float = 3.0
+    # Standardised dense values are clipped to +-clip so one extreme number cannot dominate a linear model.
+    clip: float = 5.0
 
 
 @register
@@ -28,6 +39,7 @@ class RidgeLearner(BaseLearner):
     reads_sparse = True
     uses_early_stopping = False
     supports_weights = True
+    settings_type = LinearSettings
 
     def recorded_params(self) -> dict[str, Any]:
         return {"alpha": self.settings.alpha, "clip": self.settings.clip, "solver": "sparse_cg"}

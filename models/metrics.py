@@ -22,6 +22,10 @@ import numpy as np
 
 from featurestore.errors import ConfigError, InputError
 
+# Huber's delta in log-price units, for every learner that fits a Huber loss: residuals beyond ~1 (a factor of e)
+# count linearly, like SMAPE's bounded loss.
+HUBER_DELTA = 1.0
+
 
 def _pair(true: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     true = np.asarray(true, dtype=np.float64)

@@ -9,6 +9,7 @@ several members per fold (different seeds; odd members see binarised input) whos
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,30 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from featurestore.config import at_least, positive
 from featurestore.store import atomic_write
-from models.base import BaseLearner, Inputs, check_objective, register
+from models.base import BaseLearner, Inputs, LearnerSettings, WithObjective, check_objective, register
+from models.metrics import HUBER_DELTA
+
+
+@dataclass
+class MlpSettings(WithObjective):
+    """`[models.mlp]` and `[models.mlp_sparse]`."""
+
+    # Sparse tables (text_sparse) go straight into the first layer through an EmbeddingBag, never densified.
+    tables: list[str] = field(default_factory=lambda: ["catalog", "text_emb__minilm", "text_emb__mpnet",
+                                                       "image_emb__resnet", "text_sparse"])
+    hidden: list[int] = field(default_factory=lambda: [256, 64])
+    dropout: float = 0.1
+    epochs: int = at_least(20, 1)
+    batch_size: int = at_least(256, 1)
+    learning_rate: float = positive(0.002)
+    weight_decay: float = 1e-5
+    early_stopping_epochs: int = at_least(4, 1)
+    # Models averaged inside each fold (seeds seed, seed+1000, ...): Mercari's winners averaged several.
+    members: int = at_least(1, 1)
+    # Odd-numbered members see the sparse input binarised (value > 0 -> 1), a variant the winners mixed in.
+    binary_variant: bool = False
 
 
 class PriceNet(nn.Module):
@@ -71,6 +94,7 @@ class MLPLearner(BaseLearner):
     file_pattern = "fold{fold}.pt"
     reads_sparse = True
     supports_weights = True
+    settings_type = MlpSettings
 
     def recorded_params(self) -> dict[str, Any]:
         cfg = self.settings
@@ -81,7 +105,7 @@ class MLPLearner(BaseLearner):
     def _loss(self) -> nn.Module:
         objective = check_objective(self.name, self.settings.objective)
         # Per-row losses: rows are weighted (the metric's weights) before the mean.
-        return {"huber": nn.HuberLoss(delta=1.0, reduction="none"), "l1": nn.L1Loss(reduction="none"),
+        return {"huber": nn.HuberLoss(delta=HUBER_DELTA, reduction="none"), "l1": nn.L1Loss(reduction="none"),
                 "l2": nn.MSELoss(reduction="none")}[objective]
 
     def _net(self, n_dense: int, n_sparse: int) -> PriceNet:
@@ -188,3 +212,10 @@ class SparseMLPLearner(MLPLearner):
     """Its own `[models.mlp_sparse]` settings (wide sparse first layer, several members), stacked beside `mlp`."""
 
     name = "mlp_sparse"
+
+    @classmethod
+    def default_settings(cls) -> LearnerSettings:
+        """Mercari-winner style: wide first layer over the sparse text, small dense tables, a few members."""
+        return MlpSettings(tables=["catalog", "target_enc", "text_sparse"], hidden=[256, 64, 64], dropout=0.1,
+                           epochs=12, batch_size=256, learning_rate=0.003, weight_decay=1e-5,
+                           early_stopping_epochs=2, members=2, binary_variant=True)

@@ -1,8 +1,9 @@
 """Names the config and CLI use for base learners: importing the learner modules registers them.
 
-A new learner is one module with a `@register`ed class plus a `[models.<name>]` settings section: a module in
-models/ is found by itself; one kept elsewhere is named in `models.plugins`. Nothing else names a concrete
-learner.
+A new learner is one module with a `@register`ed class (its settings dataclass beside it, extending
+`models.base.LearnerSettings`) plus a `[models.<name>]` section: a module in models/ is found by itself; one kept
+elsewhere is named in `models.plugins`. Outside the learner modules, only configs/default.toml (which documents
+each built-in learner's defaults, checked by a test) names a concrete learner.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def load_plugins(config: Config) -> None:
                               "'my_package.my_learner'") from exc
     # Variants in dependency order, not section order: `[models.b] learner = "a"` may come before `[models.a]
     # learner = "lgbm"` in the file (that order used to be refused as "no learner of that name").
-    pending = {name: raw[VARIANT_KEY] for name, raw in config.models.plugin_settings.items() if VARIANT_KEY in raw}
+    pending = {name: raw[VARIANT_KEY] for name, raw in config.models.sections.items() if VARIANT_KEY in raw}
     while pending:
         ready = [name for name, base in pending.items() if not (isinstance(base, str) and base in pending)]
         if not ready:
@@ -43,7 +44,7 @@ def load_plugins(config: Config) -> None:
                               "them must be a variant of a registered learner")
         for name in ready:
             register_variant(name, pending.pop(name))
-    unknown = sorted(set(config.models.plugin_settings) - set(LEARNERS))
+    unknown = sorted(set(config.models.sections) - set(LEARNERS))
     if unknown:
         raise ConfigError(f"[models.{unknown[0]}]: no learner of that name is registered (known: "
                           f"{', '.join(sorted(LEARNERS))}); check the name or add its module to models.plugins")

@@ -30,7 +30,7 @@ from featurestore.folds import fold_plan
 from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
 from featurestore.store import FeatureStore, Timer, file_sha256, verify_file
-from models.base import AUTO, BaseLearner, Inputs, learner_settings, threads
+from models.base import AUTO, BaseLearner, Inputs, WithObjective, learner_settings, threads
 from models.matrix import (
     MatrixSpec,
     cap_sparse_columns,
@@ -143,7 +143,7 @@ def task_target(config: Config) -> str:
 def resolved_settings(config: Config, name: str) -> Any:
     """The learner's settings with objective = "auto" replaced by the loss the task's metric calls for."""
     settings = learner_settings(config, name)
-    if getattr(settings, "objective", None) == AUTO:
+    if isinstance(settings, WithObjective) and settings.objective == AUTO:
         settings = replace(settings, objective=metric(config.task.metric).objective)
     return settings
 
@@ -264,7 +264,7 @@ class LearnerBuilder(FeatureBuilder):
         train = frame.filter(pl.col("split") == "train")
         spec = fit_spec(train, self.tables, m.max_categories, {t: sparse_width(ctx.store, t) for t in sparse_tables})
         cap_sparse_columns(spec, ctx.store, train["sample_id"].to_numpy(),
-                           getattr(self.settings, "max_sparse_columns", 0))
+                           self.cls.sparse_column_cap(self.settings))
         x = feature_inputs(ctx.store, spec, frame)
         if self.cls.reads_text:
             x = replace(x, text=item_texts(ctx.store, frame))
@@ -289,7 +289,7 @@ class LearnerBuilder(FeatureBuilder):
             oof_score=round(task_metric.score(price[train_rows], price_pred[train_rows]), 4),
             best_iterations=result.best_iterations,
             fold_seconds=result.seconds,
-            objective=getattr(resolved_settings(self.config, self.name), "objective", "l2"),
+            objective=self.cls.fitted_objective(resolved_settings(self.config, self.name)),
             target=target,
             sample_weight=(task_metric.weights_rule if self.cls.supports_weights or task_metric.weights is None
                            else "unsupported (unweighted)"),

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.errors import InputError
-from models.base import BaseLearner, Inputs, register
+from models.base import BaseLearner, Inputs, LearnerSettings, register
 
 
 @dataclass
-class FailingSettings:
+class FailingSettings(LearnerSettings):
     tables: list[str] = field(default_factory=lambda: ["catalog"])
 
 

@@ -125,9 +125,9 @@ def test_a_config_built_in_code_meets_the_guard_where_tables_are_read_and_the_le
         fit_spec(frame.filter(pl.col("split") == "train"), ["catalog", "renamed"], 100)
 
     config = copy.deepcopy(small_config)
-    config.models.lgbm.tables = ["catalog", "items"]  # mutated after load: the load-time check never ran
-    config.models.lgbm.rounds, config.models.lgbm.early_stopping_rounds = 60, 10
-    config.models.lgbm.params = {"min_data_in_leaf": 3, "num_leaves": 7}  # 40 rows: let it split at all
+    # Mutated after load: the load-time check never ran. 40 rows: let LightGBM split at all.
+    config.models.sections["lgbm"] = {"tables": ["catalog", "items"], "rounds": 60, "early_stopping_rounds": 10,
+                                      "params": {"min_data_in_leaf": 3, "num_leaves": 7}}
     config.models.threads = 1
     with pytest.raises(ConfigError, match="never features"):
         run_builders(BuildContext(store, config, progress=False), [LearnerBuilder(config, "lgbm")])
@@ -136,7 +136,7 @@ def test_a_config_built_in_code_meets_the_guard_where_tables_are_read_and_the_le
     monkeypatch.setattr("models.matrix._refuse_copies_of_the_target", lambda train, numeric: None)
     run_builders(BuildContext(store, config, progress=False), [LearnerBuilder(config, "lgbm")])
     leaked = TrainedLearner.of(store, "lgbm").oof_score
-    config.models.lgbm.tables = ["catalog"]
+    config.models.sections["lgbm"]["tables"] = ["catalog"]
     run_builders(BuildContext(store, config, progress=False), [LearnerBuilder(config, "lgbm")])
     honest = TrainedLearner.of(store, "lgbm").oof_score
     assert leaked < honest / 2, (leaked, honest)  # 36 vs 78 SMAPE when written

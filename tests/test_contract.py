@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -20,11 +21,10 @@ def _small(name: str) -> object:
     # Small but able to learn the synthetic signal (3 epochs of 5 steps left the MLPs at the constant): fine-tuning a
     # transformer keeps 3 epochs (it is slow and its first steps already move it).
     epochs = 3 if learner_class(name).reads_text else 30
-    for key, value in {"rounds": 40, "early_stopping_rounds": 5, "epochs": epochs, "hidden": [8], "members": 2,
-                       "max_seq_length": 16, "batch_size": 64}.items():
-        if hasattr(settings, key):
-            setattr(settings, key, value)
-    return settings
+    small = {"rounds": 40, "early_stopping_rounds": 5, "epochs": epochs, "hidden": [8], "members": 2,
+             "max_seq_length": 16, "batch_size": 64}
+    known = {f.name for f in dataclasses.fields(settings)}
+    return dataclasses.replace(settings, **{k: v for k, v in small.items() if k in known})
 
 
 @pytest.mark.parametrize("name", sorted(LEARNERS))

@@ -60,7 +60,7 @@ def test_a_learner_fit_for_mape_moves_below_the_median_and_one_fit_for_l2_above(
     x, y = _skewed()
     train, watch, test = np.arange(0, 2000), np.arange(2000, 2500), np.arange(2500, 3000)
     cls = learner_class("lgbm")
-    base = replace(Config().models.lgbm, rounds=200, learning_rate=0.05, early_stopping_rounds=30)
+    base = replace(cls.default_settings(), rounds=200, learning_rate=0.05, early_stopping_rounds=30)
 
     def fit(metric_name: str) -> np.ndarray:
         task = metric(metric_name)

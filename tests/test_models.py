@@ -368,7 +368,7 @@ def test_stack_retrains_only_stale_learners(stacked) -> None:
     record = train_and_stack(config, store, trials=4, progress=False)
     assert {b["status"] for b in record["base_learners"].values()} == {"reused"}
     stale = copy.deepcopy(config)
-    stale.models.lgbm.learning_rate = 0.2
+    stale.models.sections.setdefault("lgbm", {})["learning_rate"] = 0.2
     record = train_and_stack(stale, store, trials=4, progress=False)
     statuses = {table: b["status"] for table, b in record["base_learners"].items()}
     assert statuses == {f"oof__{n}": "built" if n == "lgbm" else "reused" for n in config.models.learners}

@@ -87,7 +87,7 @@ def test_a_variant_copies_its_base_learners_section_and_is_validated(tmp_path: P
     verify_learner(learner_class("ridge_strong"), settings)
     for text, message in ((variant.replace("alpha", "alhpa"), "models.ridge_strong: unknown key 'alhpa'"),
                           (variant.replace('"ridge"', '"rigde"'), r"learner = 'rigde': no learner of that name"),
-                          ('[models.lgbm_text]\nlearner = "ridge"\n', "models.lgbm_text: unknown key 'learner'"),
+                          ('[models.lgbm_text]\nlearner = "ridge"\n', "'lgbm_text' is already a registered learner"),
                           (variant.replace('"ridge"', '"lgbm"'), "'ridge_strong' is already a variant of 'ridge'")):
         path.write_text(FAST + text)
         with pytest.raises(ConfigError, match=message):

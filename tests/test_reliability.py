@@ -268,7 +268,7 @@ def test_a_store_made_by_an_older_version_retrains(small_config: Config, tmp_pat
 
     config = small_config
     config.models.learners = ["ridge"]
-    config.models.ridge.tables = ["catalog"]
+    config.models.sections.setdefault("ridge", {})["tables"] = ["catalog"]
     store = FeatureStore(config.store.dir)
     _build(config, store)
     train_learners(config, store, progress=False)

@@ -22,6 +22,9 @@ sys.path.insert(0, {root!r})
 from featurestore.builders import BuildContext, run_builders
 from featurestore.config import load_config
 from featurestore.store import FeatureStore
+from models.base import learner_settings
+from models.gbdt import GbdtSettings
+from models.mlp import MlpSettings
 from pipeline.registry import builders_for
 from pipeline.run import train_and_stack
 
@@ -32,12 +35,13 @@ drop = lambda tables: [t for t in tables if "mpnet" not in t]
 config.knn.spaces = drop(config.knn.spaces)
 config.knn.concat = drop(config.knn.concat)
 for name in config.models.learners:
-    settings = getattr(config.models, name)
-    settings.tables = drop(settings.tables)
-    if hasattr(settings, "rounds"):
-        settings.rounds = 60
-    if hasattr(settings, "epochs"):
-        settings.epochs = 3
+    settings = learner_settings(config, name)
+    section = config.models.sections.setdefault(name, {})
+    section["tables"] = drop(settings.tables)
+    if isinstance(settings, GbdtSettings):
+        section["rounds"] = 60
+    if isinstance(settings, MlpSettings):
+        section["epochs"] = 3
 store = FeatureStore(config.store.dir)
 run_builders(BuildContext(store, config, progress=False), builders_for(config))
 train_and_stack(config, store, 4, progress=False)

@@ -84,20 +84,20 @@ def test_help_everywhere() -> None:
 
 
 def test_default_toml_matches_code_defaults() -> None:
-    """The file's values are the code's defaults; a learner's section whose settings live beside the model
-    (`settings_type`, e.g. finetune) must list exactly that class's defaults."""
+    """The file's values are the code's defaults; each learner's `[models.<name>]` section lists exactly its
+    learner's default settings (the dataclass beside the learner)."""
     from models.base import LEARNERS
-    from models.registry import load_plugins
 
     loaded = load_config(ROOT / "configs" / "default.toml")
-    load_plugins(loaded)
-    sections = loaded.models.plugin_settings
-    loaded.models.plugin_settings = {}
+    sections = loaded.models.sections
+    loaded.models.sections = {}
     assert dataclasses.asdict(loaded) == dataclasses.asdict(Config())
+    documented = {name for name, cls in LEARNERS.items() if cls.__module__.startswith("models.")
+                  and cls.variant_of is None}
+    assert set(sections) == documented, "every built-in learner has its section in configs/default.toml"
     for name, raw in sections.items():
-        settings_type = LEARNERS[name].settings_type
-        assert settings_type is not None
-        assert raw == dataclasses.asdict(settings_type()), f"[models.{name}] differs from {settings_type.__name__}"
+        defaults = LEARNERS[name].default_settings()
+        assert raw == dataclasses.asdict(defaults), f"[models.{name}] differs from {type(defaults).__name__}"
 
 
 def _missing_keys(obj: object, toml: dict, where: str) -> list[str]:

@@ -86,9 +86,7 @@ def test_sparse_learners_never_densify(tmp_path: Path) -> None:
     y = np.asarray(matrix[:, :1000].sum(axis=1)).ravel() + rng.normal(0, 0.1, n)
     x = Inputs(rng.normal(size=(n, 3)).astype(np.float32), matrix)
     config = Config()
-    config.models.mlp_sparse.epochs = 1
-    config.models.mlp_sparse.members = 1
-    config.models.mlp_sparse.hidden = [8]
+    config.models.sections.setdefault("mlp_sparse", {}).update(epochs=1, members=1, hidden=[8])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for name in ("ridge", "mlp_sparse"):
         settings = resolved_settings(config, name)

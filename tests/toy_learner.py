@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.store import atomic_write
-from models.base import BaseLearner, Inputs, register
+from models.base import BaseLearner, Inputs, LearnerSettings, register
 
 
 @dataclass
-class ToySettings:
+class ToySettings(LearnerSettings):
     tables: list[str] = field(default_factory=lambda: ["catalog"])
     shrink: float = 1.0  # ridge penalty on the standardised columns
 
