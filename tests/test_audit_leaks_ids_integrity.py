@@ -523,10 +523,10 @@ def test_targets_outside_the_range_are_refused_at_ingest_naming_the_row(tmp_path
 @pytest.mark.parametrize("section", [{"epochs": 0}, {"batch_size": -1}, {"max_seq_length": 0},
                                      {"learning_rate": 0.0}])
 def test_finetune_settings_are_validated(section: dict) -> None:
-    """Audit case: `finetune` epochs / batch size were not validated (0 epochs trained nothing, exit 0)."""
-    config = load_config(None, {"models.finetune": section})
+    """Audit case: `finetune` epochs / batch size were not validated (0 epochs trained nothing, exit 0). Refused
+    at load (every learner section is checked there)."""
     with pytest.raises(ConfigError, match="models.finetune"):
-        learner_settings(config, "finetune")
+        load_config(None, {"models.finetune": section})
 
 
 def test_variants_resolve_in_any_section_order() -> None:
@@ -536,9 +536,8 @@ def test_variants_resolve_in_any_section_order() -> None:
     load_plugins(config)
     settings = learner_settings(config, "ridge_b")
     assert settings.alpha == 9.0 and settings.tables == ["catalog", "text_sparse"]
-    cyclic = load_config(None, {"models.ridge_x": {"learner": "ridge_y"}, "models.ridge_y": {"learner": "ridge_x"}})
     with pytest.raises(ConfigError, match="cycle"):
-        load_plugins(cyclic)
+        load_config(None, {"models.ridge_x": {"learner": "ridge_y"}, "models.ridge_y": {"learner": "ridge_x"}})
 
 
 def test_sql_neither_follows_a_planted_symlink_nor_materialises_what_it_does_not_print(small_config: Config,

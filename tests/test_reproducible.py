@@ -36,7 +36,7 @@ config.knn.spaces = drop(config.knn.spaces)
 config.knn.concat = drop(config.knn.concat)
 for name in config.models.learners:
     settings = learner_settings(config, name)
-    section = config.models.sections.setdefault(name, {})
+    section = config.models.sections.setdefault(name, {{}})
     section["tables"] = drop(settings.tables)
     if isinstance(settings, GbdtSettings):
         section["rounds"] = 60
