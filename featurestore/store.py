@@ -308,6 +308,10 @@ class FeatureStore:
         inputs: dict[str, Any] | None = None,
     ) -> None:
         path = self.table_path(name)
+        if "sample_id" in df.columns and df["sample_id"].is_duplicated().any():
+            # One row per item is what every join on sample_id assumes: a builder that repeats ids has a bug.
+            repeated = df.filter(df["sample_id"].is_duplicated())["sample_id"].unique().head(3).to_list()
+            raise ValueError(f"table {name}: repeated sample_ids {repeated}; a table holds one row per item")
         atomic_write_parquet(df, path, {FINGERPRINT_KEY: fingerprint})
         digest = file_sha256(path)
         with self.connect(read_only=False) as con:

@@ -17,7 +17,7 @@ from featurestore.errors import ConfigError
 from models.base import LEARNERS, VARIANT_KEY, BaseLearner, learner_settings, register
 
 # Modules of models/ that hold the protocol and the machinery, not learners.
-_NOT_LEARNERS = {"base", "contract", "matrix", "metrics", "registry", "train"}
+_NOT_LEARNERS = {"base", "contract", "inference", "matrix", "metrics", "registry", "train"}
 
 for _info in pkgutil.iter_modules([str(Path(__file__).parent)]):
     if _info.name not in _NOT_LEARNERS:

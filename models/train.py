@@ -318,30 +318,6 @@ def _readable(store: FeatureStore, top: list[tuple[str, float]], spec: MatrixSpe
     return out
 
 
-def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, name: str) -> pl.DataFrame:
-    """Test-row predictions of the stored fold models of `name` (trained in `models`) on the feature tables of
-    `features`: the same matrix code, the same files, the same fold order and averaging as training."""
-    trained = TrainedLearner.of(models, name)
-    trained.verify(models, f"retrain it: `python cli.py train --learner {name} --force`")
-    model_dir = models.root / trained.model_dir
-    spec = MatrixSpec.load(model_dir / SPEC_FILE)
-    frame = load_frame(features, spec.tables).filter(pl.col("split") == "test")
-    x = feature_inputs(features, spec, frame)
-    if learner_class(name).reads_text:
-        x = replace(x, text=item_texts(features, frame))
-    folds = trained.folds
-    make = make_learner(config, name, spec)
-    total = np.zeros(frame.height)
-    for k in folds:
-        learner = make(k)
-        learner.load(model_dir / learner.file_pattern.format(fold=k))
-        total += learner.predict(x)
-    output = total / max(1, len(folds))
-    price_pred = to_price(output, task_target(config))
-    return frame.select("sample_id").with_columns(
-        pl.Series("pred", output), pl.Series("pred_log", np.log1p(price_pred)), pl.Series("pred_price", price_pred))
-
-
 def learner_builders(config: Config, names: list[str] | None = None) -> list[LearnerBuilder]:
     load_plugins(config)
     return [LearnerBuilder(config, name) for name in (names or config.models.learners)]

@@ -21,8 +21,9 @@ from featurestore.config import Config
 from featurestore.errors import StaleTable
 from featurestore.names import FOLDS, PREDICTIONS, oof_table
 from featurestore.store import FeatureStore, Timer, file_sha256
+from models.inference import predict_saved
 from models.matrix import MatrixSpec
-from models.train import SPEC_FILE, TrainedLearner, learner_builders, predict_saved
+from models.train import SPEC_FILE, TrainedLearner, learner_builders
 from pipeline.registry import builders_for, config_as_built, require_fresh
 from stacking.artifacts import TrainedStack, stack_key, write_submission
 from stacking.inputs import meta_frame

@@ -17,7 +17,8 @@ import pytest
 
 from featurestore.config import load_config
 from featurestore.store import FeatureStore
-from models.train import TrainedLearner, predict_saved
+from models.inference import predict_saved
+from models.train import TrainedLearner
 from tests.conftest import ROOT, SAMPLE, kill9
 
 CONFIG = """builders = ["items", "folds"]

@@ -22,10 +22,11 @@ from featurestore.errors import StaleTable
 from featurestore.sparse import sparse_width
 from featurestore.store import FeatureStore
 from models.base import Inputs
+from models.inference import predict_saved
 from models.matrix import MatrixSpec, feature_inputs, fit_spec, item_texts, load_frame, split_tables
 from models.metrics import smape
 from models.registry import LEARNERS, learner_class
-from models.train import cross_fit, make_learner, predict_saved
+from models.train import cross_fit, make_learner
 from pipeline.predict import predict_file, prediction_store_dir
 from pipeline.registry import builders_for
 from pipeline.run import train_and_stack

@@ -134,15 +134,22 @@ def test_killed_build_leaves_previous_table_intact(small_config: Config, store: 
     assert _build(small_config, store)["catalog"] == "reused"
 
 
-def test_a_join_that_fans_out_is_an_error(small_config: Config, store: FeatureStore) -> None:
-    """A feature table with a repeated sample_id must not silently duplicate items in a learner's matrix."""
+def test_a_table_with_repeated_sample_ids_is_refused_at_write_and_at_the_join(small_config: Config,
+                                                                              store: FeatureStore) -> None:
+    """A feature table with a repeated sample_id must not silently duplicate items in a learner's matrix: the write
+    refuses it, and the join refuses a file that holds one anyway (written outside `FeatureStore.write`)."""
+    from featurestore.store import atomic_write_parquet
     from models.matrix import load_frame
 
     run_builders(BuildContext(store, small_config, progress=False), builders_for(small_config))
     catalog = store.read("catalog")
     doubled = pl.concat([catalog, catalog.head(3)])
     info = store.info("catalog")
-    store.write("catalog", doubled, builder="test", params=info.params, fingerprint=info.fingerprint, seconds=0.0)
+    with pytest.raises(ValueError, match="repeated sample_ids"):
+        store.write("catalog", doubled, builder="test", params=info.params, fingerprint=info.fingerprint, seconds=0.0)
+    atomic_write_parquet(doubled, store.table_path("catalog"))
+    with store.connect(read_only=False) as con:  # a store whose manifest predates file hashes: nothing to check
+        con.execute("UPDATE manifest SET file_sha256 = NULL WHERE table_name = 'catalog'")
     with pytest.raises(StaleTable, match='joining "catalog" onto items gave 53 rows.*repeated sample_ids'):
         load_frame(store, ["catalog"])
 
