@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -22,6 +22,9 @@ from featurestore.config import Config, load_config
 from featurestore.errors import UserError
 from featurestore.lock import writer_lock
 from featurestore.store import FeatureStore
+
+if TYPE_CHECKING:
+    from stacking.record import StackRecord
 
 app = typer.Typer(help="Feature store + boosting/stacking service for catalog price prediction.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -193,20 +196,20 @@ def sql(
         typer.echo(result)
 
 
-def _stack_summary(record: dict[str, Any]) -> None:
+def _stack_summary(record: StackRecord) -> None:
     from models.metrics import leaderboard_score
 
-    header = f"CV {record['metric'].upper()}"
+    header = f"CV {record.metric.upper()}"
     typer.echo(f"{'model':<14} {header:>9}")
-    for name, value in record["base_cv"].items():
+    for name, value in record.base_cv.items():
         typer.echo(f"{name:<14} {value:>9.2f}")
-    typer.echo(f"{'mean blend':<14} {record['mean_blend_cv']:>9.2f}")
-    typer.echo(f"{'best single':<14} {record['best_single_cv']:>9.2f}")
-    nested = "nested CV" if record["nested"] else "not nested: optimistic"
-    typer.echo(f"{'stack':<14} {record['stack_cv']:>9.2f}  ({record['best_meta']} chosen of "
-               f"{record['candidates']} candidates, {nested}; {record['stack_seconds']:.1f}s, "
-               f"peak {record['peak_rss_mib']:.0f} MiB)")
-    board = leaderboard_score(record["metric"], record["stack_cv"])
+    typer.echo(f"{'mean blend':<14} {record.mean_blend_cv:>9.2f}")
+    typer.echo(f"{'best single':<14} {record.best_single_cv:>9.2f}")
+    nested = "nested CV" if record.nested else "not nested: optimistic"
+    typer.echo(f"{'stack':<14} {record.stack_cv:>9.2f}  ({record.best_meta} chosen of "
+               f"{record.candidates} candidates, {nested}; {record.stack_seconds:.1f}s, "
+               f"peak {record.peak_rss_mib:.0f} MiB)")
+    board = leaderboard_score(record.metric, record.stack_cv)
     if board is not None:
         typer.echo(f"{'leaderboard':<14} {board:>9.2f}  (max(0, 100 x (1 - MAPE)), the 2023 challenge's score)")
 
@@ -246,7 +249,7 @@ def stack(
     with _writing(config, overrides, quiet, "stack") as (cfg, fs):
         record = train_and_stack(cfg, fs, cfg.stacking.trials, progress=not quiet)
     _stack_summary(record)
-    typer.echo(f"submission: {record.get('submission', '(no test rows)')}\nrun record: {record['run_record']}")
+    typer.echo(f"submission: {record.submission or '(no test rows)'}\nrun record: {record.run_record}")
 
 
 @app.command()

@@ -105,7 +105,7 @@ def main() -> None:
         "retrained_with_knn": sorted(tables),
         "cv_smape_before": before, "cv_smape_with_minilm_knn": after,
         "stack_gain": round(before["stack"] - after["stack"], 3),
-        "stack_record_learners": record.get("base_cv"),
+        "stack_record_learners": record.base_cv,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")

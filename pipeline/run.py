@@ -3,14 +3,13 @@ then stack them."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from featurestore.builders import BuildContext, BuildResult, run_builders
 from featurestore.config import Config
 from featurestore.store import FeatureStore, Timer
 from models.train import learner_builders
 from pipeline.registry import require_fresh
 from pipeline.stack import check_stack_settings, run_stack
+from stacking.record import StackRecord
 
 
 def train_learners(config: Config, store: FeatureStore, names: list[str] | None = None, force: bool = False,
@@ -22,7 +21,7 @@ def train_learners(config: Config, store: FeatureStore, names: list[str] | None 
     return run_builders(BuildContext(store, config, progress=progress), builders, force=force)
 
 
-def train_and_stack(config: Config, store: FeatureStore, trials: int, progress: bool = True) -> dict[str, Any]:
+def train_and_stack(config: Config, store: FeatureStore, trials: int, progress: bool = True) -> StackRecord:
     """The settings are checked first: a bad meta-learner name must not wait for the learners to train."""
     check_stack_settings(config)
     with Timer() as timer:

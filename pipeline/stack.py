@@ -7,8 +7,8 @@ import json
 import logging
 import os
 import resource
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import optuna
@@ -31,6 +31,7 @@ from stacking.inputs import META_THREADS, meta_frame, stack_inputs
 from stacking.journal import journal_storage
 from stacking.levels import run_levels
 from stacking.meta import meta_class
+from stacking.record import StackRecord
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def check_stack_settings(config: Config) -> None:
 
 
 def run_stack(store: FeatureStore, config: Config, trials: int, built: list[BuildResult],
-              train_seconds: float = 0.0) -> dict[str, Any]:
+              train_seconds: float = 0.0) -> StackRecord:
     """Run the studies over the trained learners' OOF tables (`built`: how each was trained, for the record);
     write stack_oof, predictions, submission.csv and a run record."""
     check_stack_settings(config)
@@ -67,13 +68,13 @@ def run_stack(store: FeatureStore, config: Config, trials: int, built: list[Buil
                 result = run_levels(inputs, config, trials, journal_storage(store), key, workers=threads(config))
     peak_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    record = {**result.record, "study_key": key, "stack_seconds": round(timer.seconds, 2),
-              "total_seconds": round(train_seconds + total.seconds, 2), "peak_rss_mib": round(peak_kib / 1024, 1),
-              "workers": threads(config),
-              "learners": learners, "raw_features": list(config.stacking.raw_features),
-              "base_learners": {b.table: {"status": b.status, "seconds": round(b.seconds, 2),
-                                          "fold_scores": TrainedLearner.of(store, learner_of(b.table)).fold_scores}
-                                for b in built}}
+    record = replace(
+        result.record, study_key=key, stack_seconds=round(timer.seconds, 2),
+        total_seconds=round(train_seconds + total.seconds, 2), peak_rss_mib=round(peak_kib / 1024, 1),
+        workers=threads(config), learners=learners, raw_features=list(config.stacking.raw_features),
+        base_learners={b.table: {"status": b.status, "seconds": round(b.seconds, 2),
+                                 "fold_scores": TrainedLearner.of(store, learner_of(b.table)).fold_scores}
+                       for b in built})
     train_rows, test_rows = inputs.fold >= 0, inputs.fold < 0
     # Everything is checked before anything is committed: a NaN meta-prediction or a bad submission must not
     # leave stack_oof / predictions tables behind (they were written before the submission check failed).
@@ -86,26 +87,26 @@ def run_stack(store: FeatureStore, config: Config, trials: int, built: list[Buil
     check_submission(inputs.ids[test_rows], price, inputs.ids[test_rows])
     meta_path = store.models_dir("stack") / f"{key}.json"
     save_meta(meta_path, result, inputs)
-    record["meta_model"] = str(meta_path.relative_to(store.root))
-    record["meta_sha256"] = file_sha256(meta_path)
+    record.meta_model = str(meta_path.relative_to(store.root))
+    record.meta_sha256 = file_sha256(meta_path)
     fingerprint = f"{key}-t{trials}"
     stack_oof = pl.DataFrame({"sample_id": inputs.ids[train_rows], "fold": inputs.fold[train_rows],
                               "pred_log": result.meta_oof[train_rows],
                               "pred_price": np.expm1(result.meta_oof[train_rows])})
     store.write(STACK_OOF, stack_oof, builder="Stacker", params={"trials": trials, "key": key},
                 fingerprint=fingerprint, seconds=timer.seconds,
-                extra={"metric": record["metric"], "stack_cv": record["stack_cv"]})
+                extra={"metric": record.metric, "stack_cv": record.stack_cv})
     predictions = pl.DataFrame({"sample_id": inputs.ids[test_rows], "price": price})
     store.write(PREDICTIONS, predictions, builder="Stacker", params={"trials": trials, "key": key},
-                fingerprint=fingerprint, seconds=timer.seconds, extra=record)
+                fingerprint=fingerprint, seconds=timer.seconds, extra=record.to_dict())
     if predictions.height:
         submission_path = store.root / config.stacking.submission
         write_submission(submission_path, inputs.ids[test_rows], price, inputs.ids[test_rows])
-        record["submission"] = str(submission_path)
+        record.submission = str(submission_path)
     runs = store.runs_dir
     runs.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     run_path = runs / f"stack-{stamp}-{os.getpid()}.json"
-    atomic_write(run_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
-    record["run_record"] = str(run_path)
+    record.run_record = str(run_path)
+    atomic_write(run_path, lambda tmp: tmp.write_text(json.dumps(record.to_dict(), indent=2, default=str)))
     return record

@@ -5,7 +5,7 @@ all training rows and refitted on them. Pure given its inputs: no store I/O."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from featurestore.config import Config
 from models.metrics import metric
 from stacking.inputs import StackInputs
 from stacking.meta import MetaLearner, meta_class
+from stacking.record import StackRecord
 from stacking.study import Candidate, Scores, fit_candidate, run_study
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class StackResult:
     final_meta: MetaLearner
     final_name: str
     final_params: dict[str, Any]
-    record: dict[str, Any] = field(default_factory=dict)
+    record: StackRecord
 
 
 def run_levels(inputs: StackInputs, config: Config, trials: int, storage: optuna.storages.BaseStorage | None,
@@ -70,14 +71,10 @@ def run_levels(inputs: StackInputs, config: Config, trials: int, storage: optuna
     final_params = dict(final.params)
     if final_scores.at.get("final") is not None:
         final_params[meta_class(final.meta).curve_param] = final_scores.at["final"]  # type: ignore[index]
-    record = {
-        "trials": trials, "candidates": len(done), "nested": config.stacking.nested,
-        "metas": list(config.stacking.metas), "best_meta": final.meta, "best_params": final_params,
-        "metric": inputs.metric, "final_cv": round(final_scores.final, 4),
-        "stack_cv": round(score(price, np.expm1(meta_oof[train_rows])), 4),
-        "base_cv": base_cv, "best_single_cv": min(base_cv.values()),
-        "mean_blend_cv": round(score(price, mean_blend), 4),
-        "outer_folds": outer, "meta_features": inputs.feature_names, "train_rows": len(train_rows),
-        "test_rows": len(test_rows),
-    }
+    record = StackRecord(
+        trials=trials, candidates=len(done), nested=config.stacking.nested, metas=list(config.stacking.metas),
+        best_meta=final.meta, best_params=final_params, metric=inputs.metric, final_cv=round(final_scores.final, 4),
+        stack_cv=round(score(price, np.expm1(meta_oof[train_rows])), 4), base_cv=base_cv,
+        best_single_cv=min(base_cv.values()), mean_blend_cv=round(score(price, mean_blend), 4), outer_folds=outer,
+        meta_features=inputs.feature_names, train_rows=len(train_rows), test_rows=len(test_rows))
     return StackResult(meta_oof, test_pred, meta, final.meta, final_params, record)

@@ -20,10 +20,11 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from featurestore.errors import MissingTable  # noqa: E402
-from featurestore.names import PREDICTIONS, STACK_OOF, oof_table  # noqa: E402
+from featurestore.names import STACK_OOF, oof_table  # noqa: E402
 from featurestore.store import FeatureStore, atomic_write  # noqa: E402
 from models.metrics import metric  # noqa: E402
 from models.train import TrainedLearner  # noqa: E402
+from stacking.record import StackRecord  # noqa: E402
 
 
 def _png(fig: plt.Figure) -> str:
@@ -55,19 +56,18 @@ def oof_predictions(store: FeatureStore, learners: list[str]) -> pl.DataFrame:
 
 
 def build_report(store: FeatureStore, out: Path, bands: int = 5) -> Path:
-    info = store.info(PREDICTIONS)
-    if info is None or not store.has_table(STACK_OOF):
+    if not store.has_table(STACK_OOF):
         raise MissingTable(f"no stack in {store.root}; run `python cli.py stack` first")
-    record = info.extra
-    learners = list(record["learners"])
-    name_of_metric = record["metric"].upper()
-    score = metric(record["metric"]).score
+    record = StackRecord.of(store)
+    learners = list(record.learners)
+    name_of_metric = record.metric.upper()
+    score = metric(record.metric).score
     frame = oof_predictions(store, learners)
     models = [*learners, "stack"]
     price = frame["price"].to_numpy()
 
     scores = pl.DataFrame({"model": [*learners, "mean blend", "stack"],
-                           "cv": [*record["base_cv"].values(), record["mean_blend_cv"], record["stack_cv"]]})
+                           "cv": [*record.base_cv.values(), record.mean_blend_cv, record.stack_cv]})
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.barh(scores["model"].to_list(), scores["cv"].to_list(), color="#4c72b0")
     ax.set_xlabel(f"out-of-fold {name_of_metric}")
@@ -113,13 +113,13 @@ def build_report(store: FeatureStore, out: Path, bands: int = 5) -> Path:
     ax.set_ylabel("stack out-of-fold price")
     scatter = _png(fig)
 
-    best = html.escape(f"{record['best_meta']} {record['best_params']}")
+    best = html.escape(f"{record.best_meta} {record.best_params}")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>pricestack report</title>
 <style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}</style></head><body>
 <h1>Stack report</h1>
-<p>{record['train_rows']} training rows, {record['test_rows']} test rows; {record['trials']} Optuna trials;
-nested CV: {record['nested']}. Final meta-learner: {best}.</p>
+<p>{record.train_rows} training rows, {record.test_rows} test rows; {record.trials} Optuna trials;
+nested CV: {record.nested}. Final meta-learner: {best}.</p>
 <h2>{name_of_metric} per base learner vs the stack (out of fold)</h2>{_table(scores)}{score_chart}
 <h2>{name_of_metric} by true-price band</h2>{_table(band_table)}{band_chart}
 <h2>Feature importance</h2>{''.join(importance_html) or '<p>no learner in this stack records importance</p>'}

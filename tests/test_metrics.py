@@ -97,8 +97,8 @@ def test_the_stack_is_chosen_by_the_configured_metric() -> None:
         inputs = StackInputs(ids=np.arange(n), fold=fold, price=price, x=x, feature_names=["median", "low"],
                              n_base=2, metric=name)
         result = run_levels(inputs, config, 2, None, f"metric-{name}")
-        assert result.record["metric"] == name
-        assert result.record["stack_cv"] == pytest.approx(metric(name).score(price, np.expm1(result.meta_oof)))
+        assert result.record.metric == name
+        assert result.record.stack_cv == pytest.approx(metric(name).score(price, np.expm1(result.meta_oof)))
         chosen[name] = (result.final_name, result.final_meta.state())
     assert chosen["smape"] == ("single", {"column": 0})
     assert chosen["mape"] == ("single", {"column": 1})

@@ -169,8 +169,8 @@ def test_stack_meta_predictions_ignore_their_own_fold_targets(stacked) -> None:
 
 def test_stack_is_never_worse_than_its_simple_candidates(stacked) -> None:
     _, _, record = stacked
-    assert record["candidates"] >= 4
-    assert record["final_cv"] <= min(record["mean_blend_cv"], record["best_single_cv"]) + 1e-9
+    assert record.candidates >= 4
+    assert record.final_cv <= min(record.mean_blend_cv, record.best_single_cv) + 1e-9
 
 
 def test_submission_has_every_test_id_once(stacked) -> None:
@@ -182,9 +182,9 @@ def test_submission_has_every_test_id_once(stacked) -> None:
     assert set(submission["sample_id"].to_list()) == set(test_ids.to_list())
     assert (submission["price"] > 0).all() and submission["price"].is_finite().all()
     # finetune is registered but opt-in (GPU-sized): the stack trains exactly the configured learners.
-    assert set(record["base_cv"]) == set(config.models.learners) and "finetune" not in record["base_cv"]
-    assert 0 < record["stack_cv"] < 200
-    run = json.loads(Path(record["run_record"]).read_text())
+    assert set(record.base_cv) == set(config.models.learners) and "finetune" not in record.base_cv
+    assert 0 < record.stack_cv < 200
+    run = json.loads(Path(record.run_record).read_text())
     assert run["trials"] == 4 and run["best_meta"] in config.stacking.metas
 
 
@@ -367,10 +367,10 @@ def test_interrupted_stack_resumes_to_identical_results(stacked, tmp_path: Path,
 def test_stack_retrains_only_stale_learners(stacked) -> None:
     config, store, _ = stacked
     record = train_and_stack(config, store, trials=4, progress=False)
-    assert {b["status"] for b in record["base_learners"].values()} == {"reused"}
+    assert {b["status"] for b in record.base_learners.values()} == {"reused"}
     stale = copy.deepcopy(config)
     stale.models.sections.setdefault("lgbm", {})["learning_rate"] = 0.2
     record = train_and_stack(stale, store, trials=4, progress=False)
-    statuses = {table: b["status"] for table, b in record["base_learners"].items()}
+    statuses = {table: b["status"] for table, b in record.base_learners.items()}
     assert statuses == {f"oof__{n}": "built" if n == "lgbm" else "reused" for n in config.models.learners}
     train_and_stack(config, store, trials=4, progress=False)  # back to the module's settings for the other tests
