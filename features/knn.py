@@ -21,7 +21,7 @@ import polars as pl
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.errors import ConfigError, StaleTable
-from featurestore.folds import fold_plan
+from featurestore.folds import FoldMean, fold_plan, items_with_folds
 from featurestore.names import knn_space_name, knn_table
 
 TIE_MARGIN = 16  # extra neighbours fetched so ties at the k-th place can be broken by id
@@ -120,9 +120,8 @@ def knn_features(
     margin = TIE_MARGIN + sum(_largest_group(k) for k in keys)
     columns: dict[str, np.ndarray] = {}
     test_rows = np.flatnonzero(fold < 0)
-    # Test rows: per statistic, the sum over folds and how many folds could compute it (nan-safe mean).
-    test_sum: dict[str, np.ndarray] = {}
-    test_seen: dict[str, np.ndarray] = {}
+    # Test rows: per statistic, the mean over the folds that could compute it.
+    test_mean: dict[str, FoldMean] = {}
     # Each fold queries the other folds; so does every test row, once per fold, and averages what it finds.
     for _, query_rows, base_rows in fold_plan(fold):
         if len(base_rows) == 0:
@@ -133,12 +132,9 @@ def knn_features(
                                 ids[queries], [k[queries] for k in keys], ks, prefix)
         for name, values in stats.items():
             columns.setdefault(name, np.full(n, np.nan))[query_rows] = values[: len(query_rows)]
-            on_test = values[len(query_rows):]
-            test_sum[name] = test_sum.get(name, 0.0) + np.nan_to_num(on_test, nan=0.0)
-            test_seen[name] = test_seen.get(name, 0) + ~np.isnan(on_test)
-    for name, total in test_sum.items():
-        with np.errstate(invalid="ignore", divide="ignore"):
-            columns[name][test_rows] = np.where(test_seen[name] > 0, total / test_seen[name], np.nan)
+            test_mean.setdefault(name, FoldMean(len(test_rows))).add(values[len(query_rows):])
+    for name, mean in test_mean.items():
+        columns[name][test_rows] = mean.mean()
     return columns
 
 
@@ -160,9 +156,7 @@ class KnnBuilder(FeatureBuilder):
                 "exclude_duplicates": k.exclude_duplicates}
 
     def build(self, ctx: BuildContext) -> Built:
-        items = ctx.store.read("items", columns=["sample_id", "text", "price"]).sort("sample_id")
-        frame = items.join(ctx.store.read("folds"), on="sample_id", how="left").with_columns(
-            pl.col("fold").fill_null(-1))
+        frame = items_with_folds(ctx.store, ["sample_id", "text", "price"])
         parts = []
         for name in self.tables:
             table = ctx.store.read(name, columns=["sample_id", "embedding"]).sort("sample_id")

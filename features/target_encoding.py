@@ -19,7 +19,7 @@ import polars as pl
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.errors import ConfigError
-from featurestore.folds import fold_plan
+from featurestore.folds import fold_plan, items_with_folds
 
 
 def encode_column(values: pl.Series, log_price: np.ndarray, fold: np.ndarray, smoothing: float
@@ -72,8 +72,7 @@ class TargetEncodingBuilder(FeatureBuilder):
         if missing:
             raise ConfigError(f"target_encoding.columns: {missing} are not columns of the catalog table "
                              f"(it has: {', '.join(catalog.columns)})")
-        frame = (ctx.store.read("items", columns=["sample_id", "price"]).sort("sample_id")
-                 .join(ctx.store.read("folds"), on="sample_id", how="left").with_columns(pl.col("fold").fill_null(-1))
+        frame = (items_with_folds(ctx.store, ["sample_id", "price"])
                  .join(catalog.select(["sample_id", *cfg.columns]), on="sample_id", how="left"))
         log_price = np.log1p(frame["price"].to_numpy())
         fold = frame["fold"].to_numpy()

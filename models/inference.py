@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from featurestore.config import Config
+from featurestore.folds import FoldMean
 from featurestore.store import FeatureStore
 from models.matrix import MatrixSpec, feature_inputs, item_texts, load_frame
 from models.metrics import to_price
@@ -33,12 +34,12 @@ def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, 
         x = replace(x, text=item_texts(features, frame))
     folds = trained.folds
     make = make_learner(config, name, spec)
-    total = np.zeros(frame.height)
+    mean = FoldMean(frame.height)
     for k in folds:
         learner = make(k)
         learner.load(model_dir / learner.file_pattern.format(fold=k))
-        total += learner.predict(x)
-    output = total / max(1, len(folds))
+        mean.add(learner.predict(x))
+    output = mean.mean()
     price_pred = to_price(output, task_target(config))
     return frame.select("sample_id").with_columns(
         pl.Series("pred", output), pl.Series("pred_log", np.log1p(price_pred)), pl.Series("pred_price", price_pred))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.errors import ConfigError, InputError, MissingTable, StaleTable
-from featurestore.folds import fold_plan
+from featurestore.folds import FoldMean, fold_plan
 from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
 from featurestore.store import FeatureStore, Timer, file_sha256, verify_file
@@ -89,8 +89,8 @@ def cross_fit(
     plan = list(fold_plan(fold))
     oof = np.full(len(fold), np.nan)
     test_rows = np.flatnonzero(is_test)
-    test_sum = np.zeros(len(test_rows))
-    result = CrossFitResult(oof=oof, test=test_sum)
+    test_mean = FoldMean(len(test_rows))
+    result = CrossFitResult(oof=oof, test=np.zeros(len(test_rows)))
     importance: dict[str, float] = {}
     for k, valid_rows, fit_rows in tqdm(plan, desc="folds", disable=not progress):
         with Timer() as timer:
@@ -113,11 +113,11 @@ def cross_fit(
             loaded = make(k).load(path)
             oof[valid_rows] = _finite(loaded.predict(x.rows(valid_rows)), loaded.name, k, "validation")
             if len(test_rows):
-                test_sum += _finite(loaded.predict(x.rows(test_rows)), loaded.name, k, "test")
+                test_mean.add(_finite(loaded.predict(x.rows(test_rows)), loaded.name, k, "test"))
         result.fold_scores[k] = round(task_metric.score(price[valid_rows], to_price(oof[valid_rows], target)), 4)
         result.best_iterations[k] = learner.best_iteration
         result.seconds[k] = round(timer.seconds, 2)
-    result.test = test_sum / max(1, len(plan))
+    result.test = test_mean.mean()
     result.importance = importance
     return result
 
