@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from embeddings.devices import resolve_device  # noqa: E402
 from embeddings.text import TextEmbeddingBuilder, load_sentence_model  # noqa: E402
 from features.ingest import ItemsBuilder  # noqa: E402
 from featurestore.builders import BuildContext, run_builders  # noqa: E402
 from featurestore.config import load_config  # noqa: E402
+from featurestore.devices import resolve_device  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
 
 

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from embeddings.devices import resolve_device
 from embeddings.download import Downloader, FetchOutcome, resolve_local
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.devices import resolve_device, threads
 from featurestore.errors import ConfigError, UserError
 from featurestore.names import image_emb_table
 from featurestore.store import file_sha256
@@ -178,7 +178,7 @@ def load_encoder(config: Config) -> Any:
         return ClipEncoder(config)
     from embeddings.image_encoders import OnnxImageEncoder
 
-    return OnnxImageEncoder(config.images.encoder, threads=config.models.threads or os.cpu_count() or 1)
+    return OnnxImageEncoder(config.images.encoder, threads=threads(config))
 
 
 class ImageEmbeddingBuilder(FeatureBuilder):

@@ -7,18 +7,17 @@ embeddings are mean-pooled and re-normalised.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from embeddings.devices import resolve_device
 from embeddings.onnx_text import OnnxSentenceEncoder, exported_model
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.devices import resolve_device, threads
 from featurestore.errors import ConfigError, UserError
 from featurestore.names import TEXT_EMB_PREFIX, text_emb_table
 from featurestore.text_weights import resolve_text_model
@@ -56,7 +55,7 @@ def load_sentence_model(name: str, config: Config) -> Any:
                             "folder (use the minilm/mpnet aliases, a local folder, or backend = \"torch\")")
         alias = table_name(name).removeprefix(TEXT_EMB_PREFIX)
         onnx_path = exported_model(model, alias, Path(path), Path(tcfg.cache_dir).expanduser(), backend)
-        return OnnxSentenceEncoder(model, onnx_path, threads=config.models.threads or os.cpu_count() or 1)
+        return OnnxSentenceEncoder(model, onnx_path, threads=threads(config))
     if device.startswith("cuda"):
         model.half()
     return model

@@ -12,7 +12,6 @@ by `name`, refusing duplicates.
 from __future__ import annotations
 
 import copy
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,5 +253,3 @@ def check_objective(learner: str, objective: str) -> str:
     return objective
 
 
-def threads(config: Config) -> int:
-    return config.models.threads or os.cpu_count() or 1

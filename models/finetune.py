@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from featurestore.config import at_least, positive
+from featurestore.devices import resolve_device
 from featurestore.errors import UserError
 from featurestore.store import atomic_write
 from featurestore.text_weights import resolve_text_model
@@ -78,12 +79,7 @@ class FinetuneLearner(BaseLearner):
 
     # -- model ---------------------------------------------------------------------------------------
     def _device(self) -> str:
-        wanted = self.settings.device
-        if wanted == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if wanted.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"models.finetune.device = {wanted!r} but torch sees no CUDA GPU; use 'auto' or 'cpu'")
-        return wanted
+        return resolve_device(self.settings.device, f"models.{self.name}.device")
 
     def _build(self, device: str) -> _Regressor:
         from sentence_transformers import SentenceTransformer

@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.devices import threads
 from featurestore.errors import ConfigError, InputError, MissingTable, StaleTable
 from featurestore.folds import FoldMean, fold_plan
 from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
 from featurestore.store import FeatureStore, Timer, file_sha256, verify_file
-from models.base import AUTO, BaseLearner, Inputs, WithObjective, learner_settings, threads
+from models.base import AUTO, BaseLearner, Inputs, WithObjective, learner_settings
 from models.matrix import (
     MatrixSpec,
     cap_sparse_columns,

@@ -17,6 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from featurestore.builders import BuildResult
 from featurestore.config import Config
+from featurestore.devices import threads
 from featurestore.errors import ConfigError, InputError
 from featurestore.names import (
     PREDICTIONS,
@@ -24,7 +25,6 @@ from featurestore.names import (
     learner_of,
 )
 from featurestore.store import FeatureStore, Timer, atomic_write, file_sha256
-from models.base import threads
 from models.train import TrainedLearner
 from stacking.artifacts import check_submission, save_meta, stack_key, write_submission
 from stacking.inputs import META_THREADS, meta_frame, stack_inputs
