@@ -59,19 +59,22 @@ def _options(debug: Annotated[bool, typer.Option("--debug", help="show traceback
     _debug = debug
 
 
-def _config(config_path: Path | None, overrides: dict[str, Any], quiet: bool) -> Config:
+def _config(config_path: Path | None, overrides: dict[str, Any], quiet: bool, learners: bool = True) -> Config:
+    """The config, validated at load. `learners`: check every `[models.<name>]` section too (the commands that
+    train or predict; it imports the learner modules, ~3 s, which `tables` and `sql` do not need)."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
     if config_path is None and DEFAULT_CONFIG.is_file():
         config_path = DEFAULT_CONFIG
-    import models.base  # noqa: F401  registers the check of every [models.<name>] section, run at load
+    if learners:
+        import models.base  # noqa: F401  registers the check of every [models.<name>] section, run at load
 
     return load_config(config_path, overrides)
 
 
 def _setup(config_path: Path | None, overrides: dict[str, Any], quiet: bool) -> tuple[Config, FeatureStore]:
     """Config + the store, opened for a command that only reads it: a missing store is an error, not made."""
-    config = _config(config_path, overrides, quiet)
+    config = _config(config_path, overrides, quiet, learners=False)
     return config, FeatureStore(config.store.dir, create=False)
 
 
