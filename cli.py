@@ -67,7 +67,7 @@ def _config(config_path: Path | None, overrides: dict[str, Any], quiet: bool, le
     if config_path is None and DEFAULT_CONFIG.is_file():
         config_path = DEFAULT_CONFIG
     if learners:
-        import models.base  # noqa: F401  registers the check of every [models.<name>] section, run at load
+        import models.registry  # noqa: F401  registers the check of every [models.<name>] section, run at load
 
     return load_config(config_path, overrides)
 

@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from featurestore.config import load_config  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
-from models.base import learner_settings  # noqa: E402
 from models.matrix import load_frame  # noqa: E402
+from models.registry import learner_settings  # noqa: E402
 
 STORES = ROOT / "benchmarks" / ".stores"
 MODEL_OUTPUTS = ("models", "runs", "predict", "optuna.journal", "submission.csv", "report.html")

@@ -207,8 +207,8 @@ class ModelsConfig:
     # registered class.
     plugins: list[str] = field(default_factory=list)
     # The raw `[models.<name>]` sections, one per learner (not written in TOML as such). Each learner's settings
-    # dataclass lives beside the learner (models/gbdt.py, mlp.py, linear.py, finetune.py, plug-ins); a section is
-    # validated against it by the hooks below when the learners are importable (models.base registers one).
+    # dataclass lives beside the learner (models/learners/, plug-ins); a section is
+    # validated against it by the hooks below when the learners are importable (models.registry registers one).
     sections: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"sections": True})
 
 
@@ -330,7 +330,7 @@ def _items(cls: type, value: Any, where: str) -> list[Any]:
     return out
 
 
-# Checks a higher layer registers for the parts of a config it owns (models.base validates every `[models.<name>]`
+# Checks a higher layer registers for the parts of a config it owns (models.registry validates every `[models.<name>]`
 # section against its learner's settings): this module cannot import the learners, yet a bad learner key must still
 # fail at load, before anything runs.
 SECTION_CHECKS: list[Callable[[Config], None]] = []

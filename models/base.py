@@ -11,7 +11,6 @@ by `name`, refusing duplicates.
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from featurestore.config import SECTION_CHECKS, Config, apply_settings, choice
+from featurestore.config import choice
 from featurestore.errors import ConfigError
 
 OBJECTIVES = ("huber", "l1", "l2")
@@ -31,7 +30,7 @@ AUTO = "auto"
 @dataclass
 class LearnerSettings:
     """What every `[models.<name>]` section has; each learner's settings dataclass extends it (beside the learner:
-    models/gbdt.py, mlp.py, linear.py, finetune.py, or a plug-in's module)."""
+    models/learners/, or a plug-in's module)."""
 
     # Feature set: tables joined on sample_id (DuckDB). Strings become categories when few enough, else dropped.
     tables: list[str] = field(default_factory=list)
@@ -199,51 +198,6 @@ class BaseLearner(ABC):
             raise ValueError(f"{self.name} ({where}): {x.dense.shape[1]} dense + "
                              f"{0 if x.sparse is None else x.sparse.shape[1]} sparse columns, but the learner was "
                              f"built for {len(self.feature_names)} features")
-
-
-LEARNERS: dict[str, type[BaseLearner]] = {}
-# The key of a `[models.<name>]` section that makes <name> a variant of another learner.
-VARIANT_KEY = "learner"
-
-
-def register(cls: type[BaseLearner]) -> type[BaseLearner]:
-    """Class decorator: adds a learner under `cls.name`; a second class with the same name is refused."""
-    name = getattr(cls, "name", "")
-    if not name or not name.replace("_", "").isalnum():
-        raise ConfigError(f"{cls.__name__}.name = {name!r}; expected letters, digits and '_'")
-    if not (isinstance(cls.settings_type, type) and issubclass(cls.settings_type, LearnerSettings)):
-        raise ConfigError(f"{cls.__module__}.{cls.__name__}.settings_type must be a dataclass extending "
-                          "models.base.LearnerSettings")
-    if name in LEARNERS and LEARNERS[name] is not cls:
-        raise ConfigError(f"learner name {name!r} is taken by {LEARNERS[name].__module__}.{LEARNERS[name].__name__}; "
-                         f"give {cls.__module__}.{cls.__name__} another `name`")
-    LEARNERS[name] = cls
-    return cls
-
-
-def learner_settings(config: Config, name: str) -> Any:
-    """The `[models.<name>]` section validated into the learner's settings (the one place settings are looked up):
-    the learner's defaults, then the section's keys. A variant starts from its base learner's resolved settings."""
-    cls = LEARNERS.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown learner {name!r}; known: {', '.join(sorted(LEARNERS))}")
-    raw = {k: v for k, v in config.models.sections.get(name, {}).items() if k != VARIANT_KEY}
-    start = (copy.deepcopy(learner_settings(config, cls.variant_of)) if cls.variant_of is not None
-             else cls.default_settings())
-    return apply_settings(start, raw, f"models.{name}")
-
-
-def check_sections(config: Config) -> None:
-    """Every `[models.<name>]` section and every configured learner resolves (unknown keys, types, bounds), at
-    load: plug-in modules are imported and variants registered first."""
-    from models.registry import load_plugins
-
-    load_plugins(config)
-    for name in dict.fromkeys([*config.models.sections, *config.models.learners]):
-        learner_settings(config, name)
-
-
-SECTION_CHECKS.append(check_sections)
 
 
 def check_objective(learner: str, objective: str) -> str:

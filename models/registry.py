@@ -1,27 +1,67 @@
 """Names the config and CLI use for base learners: importing the learner modules registers them.
 
 A new learner is one module with a `@register`ed class (its settings dataclass beside it, extending
-`models.base.LearnerSettings`) plus a `[models.<name>]` section: a module in models/ is found by itself; one kept
-elsewhere is named in `models.plugins`. Outside the learner modules, only configs/default.toml (which documents
-each built-in learner's defaults, checked by a test) names a concrete learner.
+`models.base.LearnerSettings`) plus a `[models.<name>]` section: a module in models/learners/ is found by itself;
+one kept elsewhere is named in `models.plugins`. This module holds the registry itself (`LEARNERS`, `register`),
+variants, settings resolution and the load-time check of every section. Outside the learner modules, only
+configs/default.toml (which documents each built-in learner's defaults, checked by a test) names a concrete
+learner.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
-from pathlib import Path
+from typing import Any
 
-from featurestore.config import Config
+from featurestore.config import SECTION_CHECKS, Config, apply_settings
 from featurestore.errors import ConfigError
-from models.base import LEARNERS, VARIANT_KEY, BaseLearner, learner_settings, register
+from models.base import BaseLearner, LearnerSettings
 
-# Modules of models/ that hold the protocol and the machinery, not learners.
-_NOT_LEARNERS = {"base", "contract", "inference", "matrix", "metrics", "registry", "train"}
+LEARNERS: dict[str, type[BaseLearner]] = {}
+# The key of a `[models.<name>]` section that makes <name> a variant of another learner.
+VARIANT_KEY = "learner"
 
-for _info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-    if _info.name not in _NOT_LEARNERS:
-        importlib.import_module(f"models.{_info.name}")
+
+def register(cls: type[BaseLearner]) -> type[BaseLearner]:
+    """Class decorator: adds a learner under `cls.name`; a second class with the same name is refused."""
+    name = getattr(cls, "name", "")
+    if not name or not name.replace("_", "").isalnum():
+        raise ConfigError(f"{cls.__name__}.name = {name!r}; expected letters, digits and '_'")
+    if not (isinstance(cls.settings_type, type) and issubclass(cls.settings_type, LearnerSettings)):
+        raise ConfigError(f"{cls.__module__}.{cls.__name__}.settings_type must be a dataclass extending "
+                          "models.base.LearnerSettings")
+    if name in LEARNERS and LEARNERS[name] is not cls:
+        raise ConfigError(f"learner name {name!r} is taken by {LEARNERS[name].__module__}.{LEARNERS[name].__name__}; "
+                         f"give {cls.__module__}.{cls.__name__} another `name`")
+    LEARNERS[name] = cls
+    return cls
+
+
+def learner_settings(config: Config, name: str) -> Any:
+    """The `[models.<name>]` section validated into the learner's settings (the one place settings are looked up):
+    the learner's defaults, then the section's keys. A variant starts from its base learner's resolved settings."""
+    cls = LEARNERS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown learner {name!r}; known: {', '.join(sorted(LEARNERS))}")
+    raw = {k: v for k, v in config.models.sections.get(name, {}).items() if k != VARIANT_KEY}
+    start = (copy.deepcopy(learner_settings(config, cls.variant_of)) if cls.variant_of is not None
+             else cls.default_settings())
+    return apply_settings(start, raw, f"models.{name}")
+
+
+def check_sections(config: Config) -> None:
+    """Every `[models.<name>]` section and every configured learner resolves (unknown keys, types, bounds), at
+    load: plug-in modules are imported and variants registered first."""
+    load_plugins(config)
+    for name in dict.fromkeys([*config.models.sections, *config.models.learners]):
+        learner_settings(config, name)
+
+
+SECTION_CHECKS.append(check_sections)
+
+
 
 
 def load_plugins(config: Config) -> None:
@@ -80,3 +120,10 @@ def learner_class(name: str) -> type[BaseLearner]:
 def learner_tables(config: Config, name: str) -> list[str]:
     learner_class(name)
     return list(learner_settings(config, name).tables)
+
+
+# The built-in learners: every module of models/learners/ (after the definitions above, which they import).
+import models.learners  # noqa: E402
+
+for _info in pkgutil.iter_modules(models.learners.__path__):
+    importlib.import_module(f"models.learners.{_info.name}")

@@ -31,7 +31,7 @@ from featurestore.folds import FoldMean, fold_plan
 from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
 from featurestore.store import FeatureStore, Timer, file_sha256, verify_file
-from models.base import AUTO, BaseLearner, Inputs, WithObjective, learner_settings
+from models.base import AUTO, BaseLearner, Inputs, WithObjective
 from models.matrix import (
     MatrixSpec,
     cap_sparse_columns,
@@ -42,7 +42,7 @@ from models.matrix import (
     split_tables,
 )
 from models.metrics import METRICS, Metric, metric, to_price, to_target
-from models.registry import learner_class, learner_tables, load_plugins
+from models.registry import learner_class, learner_settings, learner_tables, load_plugins
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.errors import InputError
-from models.base import BaseLearner, Inputs, LearnerSettings, register
+from models.base import BaseLearner, Inputs, LearnerSettings
+from models.registry import register
 
 
 @dataclass

@@ -25,11 +25,10 @@ from featurestore.builders import BuildContext, run_builders
 from featurestore.config import MAX_TRIALS, Config, ConfigError, load_config
 from featurestore.errors import IntegrityError, StaleTable
 from featurestore.store import FeatureStore, atomic_write
-from models.base import learner_settings
 from models.inference import predict_saved
 from models.matrix import fit_spec, load_frame
 from models.metrics import mape, smape
-from models.registry import load_plugins
+from models.registry import learner_settings, load_plugins
 from models.train import LearnerBuilder, TrainedLearner
 from pipeline.predict import _check_same_folds, predict_file, prediction_store_dir
 from pipeline.registry import builders_for, require_fresh

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from featurestore.config import Config
-from models.base import LEARNERS, BaseLearner, Inputs, register
+from models.base import BaseLearner, Inputs
 from models.contract import verify_learner
-from models.registry import learner_class
+from models.registry import LEARNERS, learner_class, register
 from models.train import resolved_settings
 from stacking.meta import METAS
 
@@ -59,7 +59,7 @@ def test_register_refuses_a_second_learner_with_a_taken_name() -> None:
     class Impostor(LEARNERS["ridge"]):  # type: ignore[misc, valid-type]
         pass
 
-    with pytest.raises(ValueError, match="learner name 'ridge' is taken by models.linear.RidgeLearner"):
+    with pytest.raises(ValueError, match="learner name 'ridge' is taken by models.learners.linear.RidgeLearner"):
         register(Impostor)
     assert LEARNERS["ridge"].__name__ == "RidgeLearner"
 

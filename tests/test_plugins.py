@@ -12,9 +12,8 @@ import polars as pl
 import pytest
 
 from featurestore.config import ConfigError, load_config
-from models.base import learner_settings
 from models.contract import verify_learner
-from models.registry import learner_class, load_plugins
+from models.registry import learner_class, learner_settings, load_plugins
 from tests.conftest import ROOT, SAMPLE
 
 FAST = ('builders = ["items", "folds", "catalog"]\n[catalog]\nuse_spacy = false\n[folds]\nk = 4\nprice_bands = 4\n'

@@ -22,9 +22,9 @@ sys.path.insert(0, {root!r})
 from featurestore.builders import BuildContext, run_builders
 from featurestore.config import load_config
 from featurestore.store import FeatureStore
-from models.base import learner_settings
-from models.gbdt import GbdtSettings
-from models.mlp import MlpSettings
+from models.learners.gbdt import GbdtSettings
+from models.learners.mlp import MlpSettings
+from models.registry import learner_settings
 from pipeline.registry import builders_for
 from pipeline.run import train_and_stack
 

@@ -97,13 +97,13 @@ def test_help_everywhere() -> None:
 def test_default_toml_matches_code_defaults() -> None:
     """The file's values are the code's defaults; each learner's `[models.<name>]` section lists exactly its
     learner's default settings (the dataclass beside the learner)."""
-    from models.base import LEARNERS
+    from models.registry import LEARNERS
 
     loaded = load_config(ROOT / "configs" / "default.toml")
     sections = loaded.models.sections
     loaded.models.sections = {}
     assert dataclasses.asdict(loaded) == dataclasses.asdict(Config())
-    documented = {name for name, cls in LEARNERS.items() if cls.__module__.startswith("models.")
+    documented = {name for name, cls in LEARNERS.items() if cls.__module__.startswith("models.learners.")
                   and cls.variant_of is None}
     assert set(sections) == documented, "every built-in learner has its section in configs/default.toml"
     for name, raw in sections.items():

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.store import atomic_write
-from models.base import BaseLearner, Inputs, LearnerSettings, register
+from models.base import BaseLearner, Inputs, LearnerSettings
+from models.registry import register
 
 
 @dataclass

@@ -33,8 +33,9 @@ from featurestore.devices import resolve_device
 from featurestore.errors import UserError
 from featurestore.store import atomic_write
 from featurestore.text_weights import resolve_text_model
-from models.base import BaseLearner, Inputs, WithObjective, check_objective, register
+from models.base import BaseLearner, Inputs, WithObjective, check_objective
 from models.metrics import HUBER_DELTA, weighted_median
+from models.registry import register
 
 
 @dataclass

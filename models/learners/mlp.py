@@ -20,8 +20,9 @@ from torch import nn
 
 from featurestore.config import at_least, positive
 from featurestore.store import atomic_write
-from models.base import BaseLearner, Inputs, LearnerSettings, WithObjective, check_objective, register
+from models.base import BaseLearner, Inputs, LearnerSettings, WithObjective, check_objective
 from models.metrics import HUBER_DELTA
+from models.registry import register
 
 
 @dataclass

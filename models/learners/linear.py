@@ -19,7 +19,8 @@ from safetensors.numpy import load_file, save_file
 from sklearn.linear_model import Ridge
 
 from featurestore.store import atomic_write
-from models.base import BaseLearner, Inputs, LearnerSettings, register
+from models.base import BaseLearner, Inputs, LearnerSettings
+from models.registry import register
 
 
 @dataclass

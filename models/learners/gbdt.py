@@ -19,8 +19,9 @@ import xgboost as xgb
 
 from featurestore.config import at_least, positive
 from featurestore.store import atomic_write
-from models.base import BaseLearner, Inputs, LearnerSettings, WithObjective, check_objective, register
+from models.base import BaseLearner, Inputs, LearnerSettings, WithObjective, check_objective
 from models.metrics import HUBER_DELTA, weighted_median
+from models.registry import register
 
 GBDT_TABLES = ["catalog", "target_enc", "knn__text_minilm", "knn__text_mpnet", "knn__image_resnet", "knn__concat"]
 
