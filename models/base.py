@@ -91,12 +91,11 @@ class BaseLearner(ABC):
     # Whether a crashed cross-fit resumes at the first fold without a saved model (for learners whose folds take
     # long; their `save` must be atomic and `load` must restore best_iteration_).
     resumes_folds: ClassVar[bool] = False
-    # A variant's base learner: `[models.<name>] learner = "<base>"` makes a second, independently configured
-    # copy of a learner (models.registry.register_variant); its settings start from the base's section.
-    variant_of: ClassVar[str | None] = None
 
     def __init__(self, settings: Any, seed: int, threads: int, feature_names: list[str],
-                 categorical: list[int]) -> None:
+                 categorical: list[int], name: str | None = None) -> None:
+        if name is not None:  # a variant (models.registry.variant_base) runs under its own name
+            self.name = name
         self.settings = settings
         self.seed = seed
         self.threads = threads

@@ -30,7 +30,7 @@ def predict_saved(features: FeatureStore, models: FeatureStore, config: Config, 
     spec = MatrixSpec.load(model_dir / SPEC_FILE)
     frame = load_frame(features, spec.tables).filter(pl.col("split") == "test")
     x = feature_inputs(features, spec, frame)
-    if learner_class(name).reads_text:
+    if learner_class(name, config).reads_text:
         x = replace(x, text=item_texts(features, frame))
     folds = trained.folds
     make = make_learner(config, name, spec)

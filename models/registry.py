@@ -39,15 +39,20 @@ def register(cls: type[BaseLearner]) -> type[BaseLearner]:
     return cls
 
 
+def variant_base(config: Config, name: str) -> str | None:
+    """The learner `[models.<name>] learner = "<base>"` makes <name> a variant of, or None. Variants are data of
+    the config (name, base, settings), not classes: nothing about them outlives the config."""
+    base = config.models.sections.get(name, {}).get(VARIANT_KEY)
+    return base if isinstance(base, str) else None
+
+
 def learner_settings(config: Config, name: str) -> Any:
     """The `[models.<name>]` section validated into the learner's settings (the one place settings are looked up):
     the learner's defaults, then the section's keys. A variant starts from its base learner's resolved settings."""
-    cls = LEARNERS.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown learner {name!r}; known: {', '.join(sorted(LEARNERS))}")
+    base = variant_base(config, name)
+    cls = learner_class(name, config)
     raw = {k: v for k, v in config.models.sections.get(name, {}).items() if k != VARIANT_KEY}
-    start = (copy.deepcopy(learner_settings(config, cls.variant_of)) if cls.variant_of is not None
-             else cls.default_settings())
+    start = copy.deepcopy(learner_settings(config, base)) if base is not None else cls.default_settings()
     return apply_settings(start, raw, f"models.{name}")
 
 
@@ -73,9 +78,10 @@ def load_plugins(config: Config) -> None:
         except ImportError as exc:
             raise ConfigError(f"models.plugins: cannot import {module!r} ({exc}); give an import path such as "
                               "'my_package.my_learner'") from exc
-    # Variants in dependency order, not section order: `[models.b] learner = "a"` may come before `[models.a]
-    # learner = "lgbm"` in the file (that order used to be refused as "no learner of that name").
+    # Variants are checked in dependency order, not section order: `[models.b] learner = "a"` may come before
+    # `[models.a] learner = "lgbm"` in the file (that order used to be refused as "no learner of that name").
     pending = {name: raw[VARIANT_KEY] for name, raw in config.models.sections.items() if VARIANT_KEY in raw}
+    resolved: set[str] = set()
     while pending:
         ready = [name for name, base in pending.items() if not (isinstance(base, str) and base in pending)]
         if not ready:
@@ -83,42 +89,40 @@ def load_plugins(config: Config) -> None:
             raise ConfigError(f"[models.*] {VARIANT_KEY}: the variants name each other in a cycle ({cycle}); one of "
                               "them must be a variant of a registered learner")
         for name in ready:
-            register_variant(name, pending.pop(name))
-    unknown = sorted(set(config.models.sections) - set(LEARNERS))
+            _check_variant(name, pending.pop(name), resolved)
+            resolved.add(name)
+    unknown = sorted(set(config.models.sections) - set(LEARNERS) - resolved)
     if unknown:
         raise ConfigError(f"[models.{unknown[0]}]: no learner of that name is registered (known: "
                           f"{', '.join(sorted(LEARNERS))}); check the name or add its module to models.plugins")
 
 
-def register_variant(name: str, base: object) -> type[BaseLearner]:
-    """A second copy of learner `base` under `name`: its own settings section (starting from the base's), its own
-    `oof__<name>` table and model folder, so e.g. ridge with and without the kNN tables stack side by side.
-    Registering the same variant again (another config in the process) returns the class made the first time."""
+def _check_variant(name: str, base: object, variants: set[str]) -> None:
+    """A variant is a second copy of learner `base` under `name`: its own settings section (starting from the
+    base's), its own `oof__<name>` table and model folder, so e.g. ridge with and without the kNN tables stack side
+    by side. It must name a learner (or an earlier variant) and must not take a registered learner's name."""
     where = f"[models.{name}] {VARIANT_KEY}"
-    if not isinstance(base, str) or base not in LEARNERS:
+    if not isinstance(base, str) or (base not in LEARNERS and base not in variants):
         raise ConfigError(f"{where} = {base!r}: no learner of that name (known: {', '.join(sorted(LEARNERS))})")
-    existing = LEARNERS.get(name)
-    if existing is not None:
-        if existing.variant_of == base:
-            return existing
-        what = f"a variant of {existing.variant_of!r}" if existing.variant_of else "a registered learner"
-        raise ConfigError(f"{where} = {base!r}: {name!r} is already {what}; give the variant another name, "
-                          f"e.g. [models.{base}_2]")
-    parent = LEARNERS[base]
-    variant = type(f"{parent.__name__}_{name}", (parent,), {
-        "name": name, "variant_of": base, "__module__": parent.__module__,
-        "__doc__": f"`{name}`: a variant of `{base}` with its own [models.{name}] settings."})
-    return register(variant)
+    if name in LEARNERS:
+        raise ConfigError(f"{where} = {base!r}: {name!r} is already a registered learner; give the variant another "
+                          f"name, e.g. [models.{base}_2]")
+    if not name.replace("_", "").isalnum():
+        raise ConfigError(f"[models.{name}]: a variant's name takes letters, digits and '_'")
 
 
-def learner_class(name: str) -> type[BaseLearner]:
+def learner_class(name: str, config: Config | None = None) -> type[BaseLearner]:
+    """The class of learner `name`; with `config`, a variant's name resolves to its base learner's class."""
+    seen = set()
+    while config is not None and name not in LEARNERS and variant_base(config, name) is not None and name not in seen:
+        seen.add(name)
+        name = variant_base(config, name)  # type: ignore[assignment]
     if name not in LEARNERS:
         raise ConfigError(f"unknown learner {name!r}; known: {', '.join(sorted(LEARNERS))}")
     return LEARNERS[name]
 
 
 def learner_tables(config: Config, name: str) -> list[str]:
-    learner_class(name)
     return list(learner_settings(config, name).tables)
 
 

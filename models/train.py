@@ -151,10 +151,10 @@ def resolved_settings(config: Config, name: str) -> Any:
 
 def make_learner(config: Config, name: str, spec: MatrixSpec) -> Callable[[int], BaseLearner]:
     """Fold k's learner: its own settings section (objective resolved), seed + k, the configured threads."""
-    cls = learner_class(name)
+    cls = learner_class(name, config)
     settings = resolved_settings(config, name)
     return lambda k: cls(settings, config.models.seed + k, threads(config), spec.feature_names,
-                         spec.categorical_indices)
+                         spec.categorical_indices, name=name)
 
 
 @dataclass
@@ -205,7 +205,7 @@ class LearnerBuilder(FeatureBuilder):
     def __init__(self, config: Config, name: str) -> None:
         self.config = config
         self.name = name
-        self.cls = learner_class(name)
+        self.cls = learner_class(name, config)
         self.settings = learner_settings(config, name)
         self.tables = learner_tables(config, name)
         self.table = oof_table(name)

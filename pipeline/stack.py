@@ -45,7 +45,7 @@ def check_stack_settings(config: Config) -> None:
     if not config.models.learners:
         raise ConfigError("models.learners is empty; name at least one learner, e.g. learners = [\"lgbm\"]")
     for name in config.models.learners:
-        learner_class(name)
+        learner_class(name, config)
     for name in config.stacking.metas:
         meta_class(name)
 
