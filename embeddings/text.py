@@ -20,7 +20,7 @@ from featurestore.config import Config
 from featurestore.devices import resolve_device, threads
 from featurestore.errors import ConfigError, UserError
 from featurestore.names import TEXT_EMB_PREFIX, text_emb_table
-from featurestore.text_weights import resolve_text_model
+from weights.text import resolve_text_model
 
 
 def table_name(alias: str) -> str:

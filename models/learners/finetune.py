@@ -32,10 +32,10 @@ from featurestore.config import at_least, positive
 from featurestore.devices import resolve_device
 from featurestore.errors import UserError
 from featurestore.store import atomic_write
-from featurestore.text_weights import resolve_text_model
 from models.base import BaseLearner, Inputs, WithObjective, check_objective
 from models.metrics import HUBER_DELTA, weighted_median
 from models.registry import register
+from weights.text import resolve_text_model
 
 
 @dataclass
