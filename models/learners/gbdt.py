@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import catboost
 import lightgbm as lgb
@@ -42,6 +42,14 @@ class GbdtSettings(WithObjective):
 
 class _Gbdt(BaseLearner):
     settings_type = GbdtSettings
+    # The library's thread-count parameter: left out of the recorded parameters (it changes speed, not the model).
+    threads_param: ClassVar[str]
+
+    def _params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def recorded_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self._params().items() if k != self.threads_param}
 
     @classmethod
     def sparse_column_cap(cls, settings: LearnerSettings) -> int:
@@ -73,8 +81,7 @@ class LightGBMLearner(_Gbdt):
         params.update(cfg.params)
         return params
 
-    def recorded_params(self) -> dict[str, Any]:
-        return {k: v for k, v in self._params().items() if k != "num_threads"}
+    threads_param = "num_threads"
 
     def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
         assert watch is not None
@@ -134,8 +141,7 @@ class XGBoostLearner(_Gbdt):
         params.update(cfg.params)
         return params
 
-    def recorded_params(self) -> dict[str, Any]:
-        return {k: v for k, v in self._params().items() if k != "nthread"}
+    threads_param = "nthread"
 
     def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
         assert watch is not None
@@ -192,8 +198,7 @@ class CatBoostLearner(_Gbdt):
         params.update(cfg.params)
         return params
 
-    def recorded_params(self) -> dict[str, Any]:
-        return {k: v for k, v in self._params().items() if k != "thread_count"}
+    threads_param = "thread_count"
 
     def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
         assert watch is not None and y_watch is not None
