@@ -76,11 +76,27 @@ BACKBONES: dict[str, OnnxBackbone] = {b.name: b for b in (
 )}
 
 
+def _providers(device: str, available: list[str]) -> list[str]:
+    """onnxruntime providers for images.device: "auto" = CUDA when its provider is installed, else CPU; "cpu" =
+    CPU; "cuda..." = CUDA or a refusal (it used to fall back to the CPU without a word)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in available:
+            raise DeviceError(f"images.device = {device!r} but onnxruntime has no CUDA provider (available: "
+                              f"{', '.join(available)}); install onnxruntime-gpu, or set images.device = 'cpu' or "
+                              "'auto'")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device != "auto":
+        raise ConfigError(f"images.device = {device!r}; expected 'auto', 'cpu' or 'cuda[:N]'")
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
 class OnnxImageEncoder:
     """One backbone on onnxruntime (CPU, or CUDA when its provider is installed). `model` overrides the packaged
     graph (the tests' shuffled-weights control)."""
 
-    def __init__(self, name: str, threads: int = 1, model: Any = None) -> None:
+    def __init__(self, name: str, threads: int = 1, model: Any = None, device: str = "auto") -> None:
         import onnx
         import onnxruntime as ort
 
@@ -94,7 +110,7 @@ class OnnxImageEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        providers = _providers(device, ort.get_available_providers())
         self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"

@@ -178,7 +178,7 @@ def load_encoder(config: Config) -> Any:
         return ClipEncoder(config)
     from embeddings.image_encoders import OnnxImageEncoder
 
-    return OnnxImageEncoder(config.images.encoder, threads=threads(config))
+    return OnnxImageEncoder(config.images.encoder, threads=threads(config), device=config.images.device)
 
 
 class ImageEmbeddingBuilder(FeatureBuilder):

@@ -15,6 +15,7 @@ the stored models.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from featurestore.sparse import COLUMN_NAMES_KEY, csr_to_frame
 from featurestore.store import FeatureStore, atomic_write_text
 
 TABLE = "text_sparse"
+
+log = logging.getLogger(__name__)
 
 
 def vocabulary_path(store: FeatureStore, fingerprint: str) -> Path:
@@ -72,11 +75,14 @@ class FittedField:
     """One field's vocabulary: term -> column within the block, idf weights; JSON round trip."""
 
     def __init__(self, spec: SparseFieldConfig, sublinear_tf: bool, vocabulary: dict[str, int],
-                 idf: list[float] | None) -> None:
+                 idf: list[float] | None, min_df_used: int | None = None) -> None:
         self.spec = spec
         self.sublinear_tf = sublinear_tf
         self.vocabulary = vocabulary
         self.idf = idf
+        # The min_df the vocabulary was fitted with: spec.min_df, or 1 when no term reached it, or 0 when the field
+        # has no term at all (an empty block). None: read from a vocabulary written before this was recorded.
+        self.min_df_used = min_df_used
 
     @classmethod
     def fit(cls, spec: SparseFieldConfig, sublinear_tf: bool, texts: list[str]) -> FittedField:
@@ -88,10 +94,14 @@ class FittedField:
                 break
             except ValueError:  # tiny data: no term reaches min_df; keep every term seen once rather than fail
                 if min_df == 1:
-                    return cls(spec, sublinear_tf, {}, None)
+                    log.warning("text_sparse field %s: no terms at all in %d texts; the field gets no columns",
+                                block_name(spec), len(texts))
+                    return cls(spec, sublinear_tf, {}, None, 0)
+                log.warning("text_sparse field %s: no term occurs in %d rows (min_df); every term seen once is "
+                            "kept instead (min_df 1), recorded in the manifest", block_name(spec), min_df)
                 min_df = 1
         idf = vectorizer.idf_.tolist() if spec.analyzer != "onehot" else None
-        return cls(spec, sublinear_tf, {k: int(v) for k, v in vectorizer.vocabulary_.items()}, idf)
+        return cls(spec, sublinear_tf, {k: int(v) for k, v in vectorizer.vocabulary_.items()}, idf, min_df)
 
     def transform(self, texts: list[str]) -> sp.csr_matrix:
         if not self.vocabulary:
@@ -112,11 +122,13 @@ class FittedField:
         return ordered
 
     def to_json(self) -> dict[str, Any]:
-        return {"spec": asdict(self.spec), "vocabulary": self.vocabulary, "idf": self.idf}
+        return {"spec": asdict(self.spec), "vocabulary": self.vocabulary, "idf": self.idf,
+                "min_df_used": self.min_df_used}
 
     @classmethod
     def from_json(cls, payload: dict[str, Any], sublinear_tf: bool) -> FittedField:
-        return cls(SparseFieldConfig(**payload["spec"]), sublinear_tf, payload["vocabulary"], payload["idf"])
+        return cls(SparseFieldConfig(**payload["spec"]), sublinear_tf, payload["vocabulary"], payload["idf"],
+                   payload.get("min_df_used"))
 
 
 def block_name(spec: SparseFieldConfig) -> str:
@@ -169,9 +181,13 @@ class TextSparseBuilder(FeatureBuilder):
         blocks = [f.transform(field) for f, field in zip(fitted, texts, strict=True)]
         matrix = sp.hstack(blocks, format="csr", dtype=np.float32)
         offsets, start = [], 0
-        for spec, block in zip(cfg.fields, blocks, strict=True):
-            offsets.append({"block": block_name(spec), "offset": start, "size": block.shape[1]})
+        for field, block in zip(fitted, blocks, strict=True):
+            offsets.append({"block": block_name(field.spec), "offset": start, "size": block.shape[1],
+                            "min_df": field.spec.min_df, "min_df_used": field.min_df_used})
             start += block.shape[1]
+        # Fields whose vocabulary could not use the configured min_df (lowered to 1, or empty): said in the log at
+        # fit time and kept in the manifest, never silent.
+        fallbacks = [o for o in offsets if o["min_df_used"] is not None and o["min_df_used"] != o["min_df"]]
         names = [f"{block_name(f.spec)}={term}" for f in fitted for term in f.terms]
         payload = {"sublinear_tf": cfg.sublinear_tf, "fields": [f.to_json() for f in fitted], "blocks": offsets,
                    COLUMN_NAMES_KEY: names}
@@ -179,7 +195,8 @@ class TextSparseBuilder(FeatureBuilder):
         atomic_write_text(path, json.dumps(payload))
         extra = {"n_features": int(matrix.shape[1]), "nnz": int(matrix.nnz), "blocks": offsets,
                  "vocabulary": str(path.relative_to(ctx.store.root)),
-                 "parent_vocabulary": ctx.parent is not None and self._parent_info(ctx) is not None}
+                 "parent_vocabulary": ctx.parent is not None and self._parent_info(ctx) is not None,
+                 "min_df_fallbacks": fallbacks}
         return Built(csr_to_frame(ids["sample_id"], matrix), extra)
 
     def _parent_info(self, ctx: BuildContext) -> Any:

@@ -15,7 +15,7 @@ from features.text_sparse import TextSparseBuilder
 from featurestore.builders import FeatureBuilder, stale_tables
 from featurestore.config import Config, DataConfig
 from featurestore.errors import ConfigError, StaleTable
-from featurestore.names import image_emb_table
+from featurestore.names import IMAGE_EMB_PREFIX, image_emb_table
 from featurestore.store import FeatureStore, file_sha256
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,27 @@ def _knn(config: Config) -> list[FeatureBuilder]:
     from embeddings.text import table_name
     from features.knn import KnnBuilder
 
-    # Spaces whose embedding table this config does not build (no images, a model left out) are skipped.
+    # A space must be an embedding table this config builds, or "concat". Image spaces of a catalog without images
+    # (columns.image = "") are skipped, said in the log; any other unknown name (a typo, a model left out of
+    # text_embeddings.models) is refused: it used to be dropped silently.
     built = {table_name(m) for m in config.text_embeddings.models}
+    image_table = image_emb_table(config.images.alias)
     if config.columns.image:
-        built.add(image_emb_table(config.images.alias))
+        built.add(image_table)
     spaces = []
     for space in config.knn.spaces:
         needs = config.knn.concat if space == "concat" else [space]
+        imageless = not config.columns.image
+        unknown = [n for n in needs if n not in built and not (imageless and n.startswith(IMAGE_EMB_PREFIX))]
+        if unknown:
+            where = "knn.concat" if space == "concat" else "knn.spaces"
+            raise ConfigError(f"{where} names {unknown[0]!r}, which this config does not build; known: "
+                              f"{', '.join(sorted(built | {'concat'}))} (text_emb__<model> for each of "
+                              "text_embeddings.models, image_emb__<images.alias> when columns.image is set)")
         if all(name in built for name in needs):
             spaces.append(space)
+        else:
+            log.info("knn: space %s skipped: this catalog has no images (columns.image = \"\")", space)
     return [KnnBuilder(config, space) for space in spaces]
 
 

@@ -346,3 +346,26 @@ def test_a_lossy_int8_export_is_refused(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(InputError, match="int8 export keeps mean cosine"):
         load_sentence_model("minilm", config)
     assert list((tmp_path / "onnx").iterdir()) == [], "a refused export left files in the cache"
+
+
+def test_onnx_image_encoders_refuse_cuda_without_a_cuda_provider() -> None:
+    """Issue 26's soft failure: `images.device = "cuda"` ran the ONNX backbones on the CPU without a word. Now the
+    device is honoured: "cuda" without onnxruntime's CUDA provider is refused, "cpu" is the CPU even where CUDA
+    exists, "auto" takes CUDA when it is there."""
+    from embeddings.image_encoders import OnnxImageEncoder, _providers
+    from featurestore.errors import DeviceError
+
+    cpu_only = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    with_cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(DeviceError, match="no CUDA provider"):
+        _providers("cuda", cpu_only)
+    assert _providers("cuda:0", with_cuda)[0] == "CUDAExecutionProvider"
+    assert _providers("cpu", with_cuda) == ["CPUExecutionProvider"]
+    assert _providers("auto", cpu_only) == ["CPUExecutionProvider"]
+    assert _providers("auto", with_cuda)[0] == "CUDAExecutionProvider"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # this machine: the real encoder refuses too
+        with pytest.raises(DeviceError, match="images.device = 'cuda'"):
+            OnnxImageEncoder("resnet50_nsfw", device="cuda")
+    assert OnnxImageEncoder("resnet50_nsfw", device="cpu").device == "cpu"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 
 from features.knn import knn_features, search
 
@@ -82,3 +83,21 @@ def test_no_self_and_ties_broken_by_id(real_train: pl.DataFrame) -> None:
     assert out["t_nn1_logp"][0] == 2.0  # fold 0 sees fold 1: ids 3, 5, 7 -> id 3
     assert out["t_nn1_logp"][1] == 1.0  # fold 1 sees only fold 0: id 10, never itself
     assert out["t_k2_count"][1] == 1
+
+
+def test_an_unknown_knn_space_is_refused_and_an_imageless_catalog_skips_image_spaces() -> None:
+    """Issue 26's soft failure: a space naming a table the config does not build (a typo, a model left out of
+    text_embeddings.models) was dropped silently. Control: a catalog without images skips the image spaces."""
+    from featurestore.config import load_config
+    from featurestore.errors import ConfigError
+    from pipeline.registry import builders_for
+
+    default = [b.table for b in builders_for(load_config(None)) if b.table.startswith("knn__")]
+    assert default == ["knn__text_minilm", "knn__text_mpnet", "knn__image_resnet", "knn__concat"]
+    with pytest.raises(ConfigError, match="knn.spaces names 'text_emb__minlm'"):
+        builders_for(load_config(None, {"knn.spaces": ["text_emb__minlm"]}))
+    with pytest.raises(ConfigError, match="knn.spaces names 'text_emb__mpnet'"):
+        builders_for(load_config(None, {"text_embeddings.models": ["minilm"]}))
+    imageless = load_config(None, {"columns.image": ""})
+    assert [b.table for b in builders_for(imageless) if b.table.startswith("knn__")] == [
+        "knn__text_minilm", "knn__text_mpnet"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 import scipy.sparse as sp
 
 from features.target_encoding import encode_column
@@ -114,3 +115,25 @@ def test_test_row_encodings_have_the_oof_distribution() -> None:
     all_rows = pl.DataFrame({"v": values[:n_train]}).group_by("v").len()
     looked_up = pl.DataFrame({"v": values[n_train:]}).join(all_rows, on="v", how="left")["len"].to_numpy()
     assert looked_up.mean() / train_mean > 1.2
+
+
+def test_a_min_df_fallback_is_logged_and_recorded_never_silent(tmp_path: Path, real_train, real_test,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 26's soft failure: a field whose min_df no term reached was silently refitted with min_df 1 (or left
+    empty). Now the log says so and the manifest records it per block; the default fields on 120 rows are the
+    control (no fallback)."""
+    config = _sparse_config(tmp_path / "a", real_train, real_test)
+    store = FeatureStore(config.store.dir)
+    run_builders(BuildContext(store, config, progress=False), builders_for(config))
+    assert store.info("text_sparse").extra["min_df_fallbacks"] == []
+    fields = [{"columns": ["catalog.item_name"], "analyzer": "word", "min_df": 10_000},
+              {"columns": ["catalog.unit"], "analyzer": "onehot", "min_df": 1}]
+    strict = make_config(tmp_path / "b", real_train.head(120), real_test.head(30), **{
+        "catalog.use_spacy": False, "folds.k": 4, "folds.price_bands": 4,
+        "builders": ["items", "folds", "catalog", "text_sparse"], "text_sparse.fields": fields})
+    store = FeatureStore(strict.store.dir)
+    with caplog.at_level("WARNING"):
+        run_builders(BuildContext(store, strict, progress=False), builders_for(strict))
+    assert "no term occurs in 10000 rows" in caplog.text
+    fallbacks = store.info("text_sparse").extra["min_df_fallbacks"]
+    assert [(f["block"], f["min_df"], f["min_df_used"]) for f in fallbacks] == [("item_name:word", 10_000, 1)]
