@@ -72,7 +72,7 @@ def read_raw(path: Path) -> pl.DataFrame:
     raw = path.read_bytes()
     separator = "\t" if suffix == ".tsv" else ","
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         # Re-read lossily only to locate the offending rows: invalid bytes become U+FFFD.
         lossy = pl.read_csv(raw, infer_schema=False, encoding="utf8-lossy", separator=separator)
@@ -83,7 +83,6 @@ def read_raw(path: Path) -> pl.DataFrame:
         if not problems:
             problems.append(Problem(name, None, None, f"not valid UTF-8 at byte {exc.start}; expected UTF-8"))
         raise IngestError(problems) from exc
-    text = raw.decode("utf-8")
     # polars pads a short row with nulls (a truncated test row was priced from half its fields) and names no row
     # when one is long: every row's field count is checked first, by data row (quoted newlines included).
     structure = _csv_structure_problems(name, text, separator)
@@ -254,18 +253,22 @@ def normalise(df: pl.DataFrame, name: str, split: str, cols: ColumnsConfig, vcfg
 INTEGER_TEXT = r"^-?\d+(\.0+)?$"  # "33127" or "33127.0" (a float column exported as text)
 
 
-def _integer_like(ids: pl.Series) -> bool:
-    """Whether every id is a whole number that survives a round trip through an integer: integers, integral
-    floats, or digit strings without a leading zero ("033127" is text: its zero would be lost)."""
+def _integer_rows(ids: pl.Series) -> pl.Series:
+    """Per id: a whole number that survives a round trip through an integer (an integer, an integral float, or a
+    digit string without a leading zero: "033127" is text, its zero would be lost)."""
     if ids.dtype.is_integer():
-        return True
+        return pl.Series([True] * ids.len(), dtype=pl.Boolean)
     if ids.dtype.is_float():
-        return bool(((ids % 1 == 0) & ids.is_finite() & (ids.abs() < 2**53)).all())
+        return (ids % 1 == 0) & ids.is_finite() & (ids.abs() < 2**53)
     if ids.dtype == pl.String:
         text = ids.str.strip_chars()
-        return bool(text.str.contains(INTEGER_TEXT).all() and not text.str.contains(r"^-?0\d").any()
-                    and (text.str.len_chars() < 19).all())
-    return False
+        return text.str.contains(INTEGER_TEXT) & ~text.str.contains(r"^-?0\d") & (text.str.len_chars() < 19)
+    return pl.Series([False] * ids.len(), dtype=pl.Boolean)
+
+
+def _integer_like(ids: pl.Series) -> bool:
+    """Whether every id is a whole number (see `_integer_rows`)."""
+    return bool(_integer_rows(ids).all())
 
 
 def canonical_ids(frames: list[tuple[str, pl.DataFrame]], id_col: str, id_type: pl.DataType | None = None
@@ -282,8 +285,7 @@ def canonical_ids(frames: list[tuple[str, pl.DataFrame]], id_col: str, id_type: 
             ids = frame["sample_id"]
             if _integer_like(ids):
                 continue
-            text = ids.cast(pl.String).str.strip_chars()
-            bad = ~(text.str.contains(INTEGER_TEXT) & ~text.str.contains(r"^-?0\d") & (text.str.len_chars() < 19))
+            bad = ~_integer_rows(ids)
             raise IngestError([Problem(name, row + 1, id_col, f"id {ids[row]!r} is not a whole number, but the "
                                        "training store's ids are integers; give new rows integer ids (no leading "
                                        "zeros, no fraction)") for row in _first_rows(bad.fill_null(True))])
