@@ -113,10 +113,12 @@ def _check_variant(name: str, base: object, variants: set[str]) -> None:
 
 def learner_class(name: str, config: Config | None = None) -> type[BaseLearner]:
     """The class of learner `name`; with `config`, a variant's name resolves to its base learner's class."""
-    seen = set()
-    while config is not None and name not in LEARNERS and variant_base(config, name) is not None and name not in seen:
-        seen.add(name)
-        name = variant_base(config, name)  # type: ignore[assignment]
+    # A chain of variants ends at a registered learner; a cycle (a config edited in code after load_plugins
+    # refused it) stops after as many steps as there are sections and is reported as unknown.
+    for _ in range(len(config.models.sections) if config is not None else 0):
+        if name in LEARNERS or (base := variant_base(config, name)) is None:  # type: ignore[arg-type]
+            break
+        name = base
     if name not in LEARNERS:
         raise ConfigError(f"unknown learner {name!r}; known: {', '.join(sorted(LEARNERS))}")
     return LEARNERS[name]

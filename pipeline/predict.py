@@ -25,8 +25,9 @@ from models.inference import predict_saved
 from models.matrix import MatrixSpec
 from models.train import SPEC_FILE, TrainedLearner, learner_builders
 from pipeline.registry import builders_for, config_as_built, require_fresh
-from stacking.artifacts import TrainedStack, stack_key, write_submission
+from stacking.artifacts import load_stack_meta, stack_key, write_submission
 from stacking.inputs import meta_frame
+from stacking.record import StackRecord
 
 
 def prediction_store_dir(store: FeatureStore, input_path: Path) -> Path:
@@ -61,7 +62,7 @@ def _tables_used(store: FeatureStore, learners: list[str], raw_features: list[st
     return used
 
 
-def _require_current_stack(config: Config, store: FeatureStore, trained: TrainedStack) -> None:
+def _require_current_stack(config: Config, store: FeatureStore, trained: StackRecord) -> None:
     """The stored stack must still match what it was trained from: the train file, the feature tables, the
     learners and the stacking settings. Otherwise its predictions would silently mix old models with new data."""
     fix = "python cli.py build-features && python cli.py stack"
@@ -74,7 +75,7 @@ def _require_current_stack(config: Config, store: FeatureStore, trained: Trained
 
 def predict_file(config: Config, store: FeatureStore, input_path: Path, out: Path, progress: bool = True
                  ) -> pl.DataFrame:
-    trained = TrainedStack.of(store)
+    trained = StackRecord.of(store)
     learners, raw_features = trained.learners, trained.raw_features
     _require_current_stack(config, store, trained)
     derived_config = copy.deepcopy(config_as_built(config, store))
@@ -98,7 +99,7 @@ def predict_file(config: Config, store: FeatureStore, input_path: Path, out: Pat
         for name in learners:
             base = predict_saved(derived, store, config, name).select("sample_id", pl.col("pred_log").alias(name))
             frame = frame.join(base, on="sample_id", how="left", maintain_order="left")
-        meta, feature_names = trained.load_meta(store, config)
+        meta, feature_names = load_stack_meta(store, trained, config)
         x = frame.select(pl.col(feature_names).cast(pl.Float64)).to_numpy()
         price = np.clip(np.expm1(meta.predict(x)), 0.01, None)
     ids = frame["sample_id"].to_numpy()

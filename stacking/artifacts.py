@@ -7,23 +7,22 @@ import hashlib
 import json
 import logging
 import sys
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from featurestore.config import Config
-from featurestore.errors import InputError, MissingTable, UserError
+from featurestore.errors import InputError
 from featurestore.fingerprint import code_hash
 from featurestore.names import (
-    PREDICTIONS,
     oof_table,
 )
 from featurestore.store import FeatureStore, atomic_write, verify_file
 from stacking.inputs import StackInputs, make_meta
 from stacking.levels import StackResult
 from stacking.meta import MetaLearner
+from stacking.record import StackRecord
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +46,11 @@ def stack_key(store: FeatureStore, config: Config) -> str:
     return "stack-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-@dataclass
-class TrainedStack:
-    """What `predict` needs of a trained stack, typed (from the `predictions` manifest row's run record)."""
-
-    study_key: str
-    learners: list[str]
-    raw_features: list[str]
-    meta_model: str  # relative to the store
-    meta_sha256: str  # of the meta-learner file, checked before it is loaded
-
-    @classmethod
-    def of(cls, store: FeatureStore) -> TrainedStack:
-        info = store.info(PREDICTIONS)
-        if info is None:
-            raise MissingTable(f"no stack in {store.root}; run `python cli.py stack` first")
-        try:
-            return cls(**{f.name: info.extra[f.name] for f in fields(cls)})
-        except KeyError as exc:
-            raise UserError(f"the stack in {store.root} was made by an older version (no {exc} in its record); "
-                            "rerun `python cli.py stack`") from None
-
-    def load_meta(self, store: FeatureStore, config: Config) -> tuple[MetaLearner, list[str]]:
-        path = store.root / self.meta_model
-        verify_file(path, self.meta_sha256, "rerun `python cli.py stack` to refit the meta-learner")
-        return load_meta(path, config)
+def load_stack_meta(store: FeatureStore, record: StackRecord, config: Config) -> tuple[MetaLearner, list[str]]:
+    """The stack's final meta-learner and its feature names, its file checked against the recorded sha256."""
+    path = store.root / record.meta_model
+    verify_file(path, record.meta_sha256, "rerun `python cli.py stack` to refit the meta-learner")
+    return load_meta(path, config)
 
 
 def save_meta(path: Path, result: StackResult, inputs: StackInputs) -> None:

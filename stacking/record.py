@@ -53,10 +53,8 @@ class StackRecord:
         info = store.info(PREDICTIONS)
         if info is None:
             raise MissingTable(f"no stack in {store.root}; run `python cli.py stack` first")
-        known = {f.name for f in fields(cls)}
-        missing = [f.name for f in fields(cls) if f.name not in info.extra and f.default is not None
-                   and f.name in ("trials", "metric", "stack_cv", "base_cv")]
+        missing = [f.name for f in fields(cls) if f.name not in info.extra]
         if missing:
-            raise UserError(f"the stack in {store.root} was made by an older version (no {missing} in its record); "
-                            "rerun `python cli.py stack`")
-        return cls(**{k: v for k, v in info.extra.items() if k in known})
+            raise UserError(f"the stack in {store.root} was made by an older version (no {', '.join(missing)} in its "
+                            "record); rerun `python cli.py stack`")
+        return cls(**{f.name: info.extra[f.name] for f in fields(cls)})

@@ -35,8 +35,9 @@ from pipeline.registry import builders_for, require_fresh
 from pipeline.run import train_and_stack
 from pipeline.stack import run_stack
 from sql.readonly import run_query
-from stacking.artifacts import TrainedStack
+from stacking.artifacts import load_stack_meta
 from stacking.inputs import StackInputs, meta_frame
+from stacking.record import StackRecord
 from stacking.study import run_study
 from tests.conftest import ROOT, SAMPLE, kill9, start_until
 from tests.test_models import build, fast_config
@@ -317,12 +318,12 @@ def test_a_flipped_byte_in_a_model_file_or_the_meta_learner_is_detected(
         predict_saved(store, store, config, "lgbm")
     assert not builder.artifacts_ok(store, store.info("oof__lgbm").fingerprint)  # `train` retrains it
 
-    stack = TrainedStack.of(store)
-    stack.load_meta(store, config)  # control
+    stack = StackRecord.of(store)
+    load_stack_meta(store, stack, config)  # control
     meta = store.root / stack.meta_model
     meta.write_text(meta.read_text().replace('"n_base": 2', '"n_base": 1', 1))  # one digit
     with pytest.raises(IntegrityError, match="rerun `python cli.py stack`"):
-        stack.load_meta(store, config)
+        load_stack_meta(store, stack, config)
 
 
 def test_a_flipped_byte_in_the_onnx_export_is_detected_and_the_model_exported_again(
