@@ -157,7 +157,7 @@ class TextSparseBuilder(FeatureBuilder):
         names = []
         for number, source in enumerate(spec.columns):
             table, _, column = source.partition(".")
-            if column not in pl.read_parquet_schema(store.table_path(table)):
+            if column not in store.read_schema(table):
                 raise ConfigError(f"text_sparse field {source!r}: table {table} has no column {column!r}")
             name = f"_c{number}"
             part = store.read(table, columns=["sample_id", column]).select(

@@ -37,7 +37,7 @@ def sparse_column_names(store: FeatureStore, table: str) -> list[str]:
 def is_sparse_table(store: FeatureStore, table: str) -> bool:
     info = store.info(table)
     return info is not None and "n_features" in info.extra and all(
-        c in pl.read_parquet_schema(store.table_path(table)) for c in SPARSE_COLUMNS)
+        c in store.read_schema(table) for c in SPARSE_COLUMNS)
 
 
 def sparse_width(store: FeatureStore, table: str) -> int:

@@ -314,6 +314,7 @@ class FeatureStore:
             raise ValueError(f"table {name}: repeated sample_ids {repeated}; a table holds one row per item")
         atomic_write_parquet(df, path, {FINGERPRINT_KEY: fingerprint})
         digest = file_sha256(path)
+        _VERIFIED[_stat_key(path)] = digest  # just written and hashed: this process need not hash it again
         with self.connect(read_only=False) as con:
             con.execute("BEGIN")
             _create_view(con, name, path)
@@ -391,8 +392,7 @@ class FeatureStore:
                                  "it and rebuild: `python cli.py build-features --force`")
         if info.file_sha256 is None:
             return
-        stat = path.stat()
-        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        key = _stat_key(path)
         if _VERIFIED.get(key) == info.file_sha256:
             return
         verify_file(path, info.file_sha256, "rebuild it: `python cli.py build-features --force`")
@@ -442,6 +442,11 @@ class FeatureStore:
 
 # Files hashed by this process, keyed by path, inode, size and mtime: each table is hashed once per process.
 _VERIFIED: dict[tuple[str, int, int, int], str] = {}
+
+
+def _stat_key(path: Path) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _plain_file(path: Path) -> bool:

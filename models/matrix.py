@@ -52,7 +52,7 @@ def load_frame(store: FeatureStore, tables: list[str]) -> pl.DataFrame:
     joins = []
     for number, table in enumerate(dense):
         alias = f"t{number}"
-        schema = pl.read_parquet_schema(store.table_path(table))
+        schema = store.read_schema(table)
         leaked = [c for c in schema if label_column_problem(c)]
         if leaked:
             raise ConfigError(f"table {table} holds {leaked}, the target or the fold plan; a feature table must not "

@@ -80,7 +80,7 @@ def meta_frame(store: FeatureStore, learners: list[str], raw_features: list[str]
             raise ConfigError(f"stacking.raw_features: {problem}")
         if not store.has_table(table):
             raise MissingTable(f"stacking.raw_features names {feature!r}, but table {table} is not built")
-        if column not in pl.read_parquet_schema(store.table_path(table)):
+        if column not in store.read_schema(table):
             raise ConfigError(f"stacking.raw_features names {feature!r}, but {table} has no column {column!r}")
         if table not in raw_tables:
             raw_tables[table] = f"r{len(raw_tables)}"
