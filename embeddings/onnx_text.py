@@ -195,13 +195,9 @@ def _export_intact(target: Path, filename: str) -> bool:
     except (OSError, ValueError):
         return False
     digest = file_sha256(target / filename)
-    hashes = record.get("sha256")
-    if not isinstance(hashes, dict):
-        record["sha256"] = {filename: digest}
-        atomic_write_text(record_path, json.dumps(record, indent=1))
-        return True
+    hashes = record.get("sha256") if isinstance(record.get("sha256"), dict) else {}
     if filename not in hashes:
-        hashes[filename] = digest
+        record["sha256"] = {**hashes, filename: digest}
         atomic_write_text(record_path, json.dumps(record, indent=1))
         return True
     return hashes[filename] == digest

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from featurestore.errors import ConfigError
-from featurestore.names import ITEMS, feature_table_problem, label_column_problem
+from featurestore.names import ITEMS, bare_name, feature_table_problem, label_column_problem
 
 
 def choice(default: str, *choices: str) -> Any:
@@ -413,7 +413,7 @@ def check_no_label_reads(config: Config) -> None:
     for number, spec in enumerate(config.text_sparse.fields):
         for source in spec.columns:
             table, _, column = source.rpartition(".")
-            readable = not table or table.strip().strip('"').lower() == ITEMS
+            readable = not table or bare_name(table) == ITEMS
             problem = (None if readable else feature_table_problem(table)) or label_column_problem(column, target)
             if problem:
                 raise ConfigError(f"text_sparse.fields[{number}].columns: {problem}")

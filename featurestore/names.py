@@ -58,7 +58,7 @@ LABEL_COLUMNS = ("price", "fold", "split", "group_id")
 _PLAIN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def _bare(name: str) -> str:
+def bare_name(name: str) -> str:
     """What DuckDB would resolve `name` to: quotes, spaces and case do not change which table is meant."""
     return name.strip().strip('"').strip().lower()
 
@@ -68,7 +68,7 @@ def feature_table_problem(name: object) -> str | None:
     the target, the folds or predictions, however it is spelled (`ITEMS`, `"items"`, `main.items`, ` items`)."""
     if not isinstance(name, str):
         return f"{name!r} is not a table name"
-    bare = _bare(name)
+    bare = bare_name(name)
     last = bare.rsplit(".", 1)[-1].strip().strip('"')
     if last in NON_FEATURE_TABLES or last.startswith(OOF_PREFIX) or bare in NON_FEATURE_TABLES:
         return (f"{name!r} holds the target, the fold plan or predictions, never features; learners and raw stack "
@@ -80,7 +80,7 @@ def feature_table_problem(name: object) -> str | None:
 
 def label_column_problem(column: str, target: str = "price") -> str | None:
     """Why a feature column named `column` would carry the label (None when it would not)."""
-    bare = _bare(column)
-    if bare in LABEL_COLUMNS or bare == _bare(target):
+    bare = bare_name(column)
+    if bare in LABEL_COLUMNS or bare == bare_name(target):
         return f"column {column!r} is the target or the fold plan, never a feature"
     return None
