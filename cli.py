@@ -68,6 +68,7 @@ def _config(config_path: Path | None, overrides: dict[str, Any], quiet: bool, le
         config_path = DEFAULT_CONFIG
     if learners:
         import models.registry  # noqa: F401  registers the check of every [models.<name>] section, run at load
+        import pipeline.registry  # noqa: F401  and of `builders` and every [features.<name>] section
 
     return load_config(config_path, overrides)
 

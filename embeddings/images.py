@@ -59,15 +59,18 @@ class ImageFilesBuilder(FeatureBuilder):
     table = "image_files"
     version = "1"
     inputs = ("items",)
+    reads = ("data.images_dir", "images.source", "images.download_dir", "images.max_file_bytes", "images.workers",
+             "images.per_host", "images.timeout_s", "images.deadline_s", "images.retries")
+    # How a download is paced and how long it waits; which files arrived is in the table itself (status column).
+    not_fingerprinted = ("images.source", "images.workers", "images.per_host", "images.timeout_s",
+                         "images.deadline_s", "images.retries")
 
     def __init__(self, config: Config, force_download: bool = False) -> None:
-        self.config = config
+        super().__init__(config)
         self.source = "download" if force_download else config.images.source
 
     def params(self) -> dict[str, Any]:
-        i = self.config.images
-        return {"source": self.source, "images_dir": self.config.data.images_dir, "download_dir": i.download_dir,
-                "max_file_bytes": i.max_file_bytes}
+        return {**super().params(), "source": self.source}
 
     def external_fingerprint(self) -> str:
         if self.source != "folder" or not self.config.data.images_dir:
@@ -185,18 +188,18 @@ class ImageEmbeddingBuilder(FeatureBuilder):
     version = "1"
     inputs = ("image_files",)
     extra_versions = ("torch", "open_clip_torch", "onnxruntime", "pillow")
+    reads = ("images.encoder", "images.alias", "images.model", "images.pretrained", "images.batch_size",
+             "images.max_pixels", "images.max_file_bytes", "images.device", "models.threads")
+    # The alias only names the table; thread counts change speed (the reproducibility promise is per thread count).
+    not_fingerprinted = ("images.alias", "models.threads")
 
     def __init__(self, config: Config) -> None:
-        self.config = config
+        super().__init__(config)
         self.table = image_emb_table(config.images.alias)
 
     def params(self) -> dict[str, Any]:
-        i = self.config.images
-        common = {"encoder": i.encoder, "max_pixels": i.max_pixels, "max_file_bytes": i.max_file_bytes}
-        if i.encoder == "open_clip":
-            pretrained = f"none (random init, seed {RANDOM_INIT_SEED})" if i.pretrained == RANDOM else i.pretrained
-            return {**common, "model": i.model, "pretrained": pretrained}
-        return common
+        random_init = self.config.images.encoder == "open_clip" and self.config.images.pretrained == RANDOM
+        return {**super().params(), **({"random_init_seed": RANDOM_INIT_SEED} if random_init else {})}
 
     def external_fingerprint(self) -> str:
         """The weights file's hash: a different packaged model rebuilds the table."""

@@ -102,16 +102,21 @@ class TextEmbeddingBuilder(FeatureBuilder):
     version = "1"
     inputs = ("items",)
     extra_versions = ("torch", "sentence-transformers", "transformers", "onnxruntime")
+    reads = ("text_embeddings", "models.threads")
+    # Each table is one model (its name is in params); part files hold whole batches; the export cache is where
+    # the ONNX files live (which export made the vectors is in the manifest); threads change speed (the
+    # reproducibility promise is per thread count). device and backend are hashed as resolved, below.
+    not_fingerprinted = ("text_embeddings.models", "text_embeddings.flush_every", "text_embeddings.cache_dir",
+                         "text_embeddings.device", "text_embeddings.backend", "models.threads")
 
     def __init__(self, config: Config, model_name: str) -> None:
-        self.config = config
+        super().__init__(config)
         self.model_name = model_name
         self.table = table_name(model_name)
 
     def params(self) -> dict[str, Any]:
-        t = self.config.text_embeddings
-        return {"model": self.model_name, "max_seq_length": t.max_seq_length, "long_text": t.long_text,
-                "normalized": True, "backend": resolve_backend(self.config)}
+        return {**super().params(), "model": self.model_name, "normalized": True,
+                "device": resolve_device(self.config.text_embeddings.device), "backend": resolve_backend(self.config)}
 
     def build(self, ctx: BuildContext) -> Built:
         tcfg = self.config.text_embeddings

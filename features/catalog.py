@@ -8,14 +8,12 @@ categorical values with their `/`-separated levels, and numeric columns.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import polars as pl
 from tqdm import tqdm
 
 from features.units import canonical_unit, unit_factor, unit_kind
 from featurestore.builders import BuildContext, Built, FeatureBuilder
-from featurestore.config import Config
 from featurestore.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -244,18 +242,9 @@ class CatalogBuilder(FeatureBuilder):
     version = "1"
     inputs = ("items",)
     extra_versions = ("spacy",)
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def params(self) -> dict[str, Any]:
-        c = self.config.catalog
-        return {
-            "format": self.config.columns.catalog_format,
-            "categorical": self.config.columns.categorical,
-            "numeric": self.config.columns.numeric,
-            "spacy_model": c.spacy_model if c.use_spacy else None,
-        }
+    reads = ("catalog", "columns.catalog_format", "columns.categorical", "columns.numeric")
+    # spaCy annotates each document on its own: how documents are batched changes speed, not brands.
+    not_fingerprinted = ("catalog.spacy_batch_size",)
 
     def build(self, ctx: BuildContext) -> Built:
         items = ctx.store.read("items")

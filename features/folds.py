@@ -7,14 +7,11 @@ Rows are sorted by id first, so the assignment does not depend on the order of t
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import polars as pl
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from featurestore.builders import BuildContext, Built, FeatureBuilder
-from featurestore.config import Config
 from featurestore.errors import InputError
 
 
@@ -48,13 +45,7 @@ class FoldsBuilder(FeatureBuilder):
     version = "1"
     inputs = ("items",)
     extra_versions = ("scikit-learn",)
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def params(self) -> dict[str, Any]:
-        f = self.config.folds
-        return {"k": f.k, "seed": f.seed, "price_bands": f.price_bands, "grouped": bool(self.config.columns.group)}
+    reads = ("folds", "columns.group")
 
     def build(self, ctx: BuildContext) -> Built:
         train = ctx.store.read("items", columns=["sample_id", "split", "price", "group_id"]).filter(

@@ -10,7 +10,6 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -346,17 +345,7 @@ def load_items(config: Config, id_type: pl.DataType | None = None) -> pl.DataFra
 class ItemsBuilder(FeatureBuilder):
     table = "items"
     version = "2"
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "columns": vars(self.config.columns),
-            "max_text_chars": self.config.validation.max_text_chars,
-            "train": self.config.data.train,
-            "test": self.config.data.test,
-        }
+    reads = ("columns", "validation", "data.train", "data.test")
 
     def external_fingerprint(self) -> str:
         hashes = []

@@ -141,9 +141,13 @@ def knn_features(
 class KnnBuilder(FeatureBuilder):
     version = "2"
     extra_versions = ("faiss-cpu",)
+    reads = ("knn", "columns.image")
+    # Which kNN tables exist (spaces) is the registry's choice; this table's own space and source tables are in
+    # its params. The image column matters only through the image_files input it adds.
+    not_fingerprinted = ("knn.spaces", "knn.concat", "columns.image")
 
     def __init__(self, config: Config, space: str) -> None:
-        self.config = config
+        super().__init__(config)
         self.space = space
         self.tables = list(config.knn.concat) if space == "concat" else [space]
         self.table = knn_table(space)
@@ -151,9 +155,7 @@ class KnnBuilder(FeatureBuilder):
         self.inputs = ("items", "folds", *self.tables, *extra)
 
     def params(self) -> dict[str, Any]:
-        k = self.config.knn
-        return {"space": self.space, "tables": self.tables, "ks": k.ks, "index": k.index,
-                "exclude_duplicates": k.exclude_duplicates}
+        return {**super().params(), "space": self.space, "tables": self.tables}
 
     def build(self, ctx: BuildContext) -> Built:
         frame = items_with_folds(ctx.store, ["sample_id", "text", "price"])

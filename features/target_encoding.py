@@ -11,13 +11,10 @@ get the prior (the fitting rows' mean) and count 0.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import polars as pl
 
 from featurestore.builders import BuildContext, Built, FeatureBuilder
-from featurestore.config import Config
 from featurestore.errors import ConfigError
 from featurestore.folds import fold_plan, items_with_folds
 
@@ -57,13 +54,7 @@ class TargetEncodingBuilder(FeatureBuilder):
     table = "target_enc"
     version = "2"
     inputs = ("items", "folds", "catalog")
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def params(self) -> dict[str, Any]:
-        t = self.config.target_encoding
-        return {"columns": t.columns, "smoothing": t.smoothing}
+    reads = ("target_encoding",)
 
     def build(self, ctx: BuildContext) -> Built:
         cfg = self.config.target_encoding

@@ -139,15 +139,12 @@ class TextSparseBuilder(FeatureBuilder):
     table = TABLE
     version = "1"
     extra_versions = ("scikit-learn",)
+    reads = ("text_sparse",)
 
     def __init__(self, config: Config) -> None:
-        self.config = config
+        super().__init__(config)
         self.sources = field_sources(config.text_sparse.fields)
         self.inputs = tuple(dict.fromkeys(["items", *(t for t, _ in self.sources)]))
-
-    def params(self) -> dict[str, Any]:
-        t = self.config.text_sparse
-        return {"fields": [asdict(f) for f in t.fields], "sublinear_tf": t.sublinear_tf}
 
     def artifacts_ok(self, store: FeatureStore, fingerprint: str) -> bool:
         return vocabulary_path(store, fingerprint).is_file()

@@ -7,17 +7,18 @@ rebuilds everything downstream of it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import polars as pl
 
-from featurestore.config import Config
-from featurestore.errors import MissingTable
+from featurestore.config import Config, apply_settings
+from featurestore.errors import ConfigError, MissingTable
 from featurestore.fingerprint import code_hash
 from featurestore.store import FeatureStore, Timer, file_fingerprint
 
@@ -44,17 +45,93 @@ class Built:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _Section:
+    """One config section as a builder sees it: only the keys it declared."""
+
+    def __init__(self, section: object, keys: set[str], where: str, owner: str) -> None:
+        self._section, self._keys, self._where, self._owner = section, keys, where, owner
+
+    def __getattr__(self, key: str) -> Any:
+        if key not in self._keys:
+            raise AttributeError(f"{self._owner} reads config.{self._where}.{key} without declaring it; add "
+                                 f"'{self._where}.{key}' to {self._owner}.reads so its fingerprint covers it")
+        return getattr(self._section, key)
+
+
+class ConfigView:
+    """The part of a Config one builder may read: the sections and keys named in its `reads`. Reading anything
+    else raises, naming the fix, so a setting a builder reads cannot be left out of its fingerprint (the default
+    `params()` hashes exactly what is declared). Helpers handed the view (`threads(config)`) are held to it too."""
+
+    def __init__(self, config: Config, reads: tuple[str, ...], owner: str) -> None:
+        self._config, self._owner = config, owner
+        self._sections: dict[str, set[str] | None] = {}
+        for read in reads:
+            section, _, key = read.partition(".")
+            if not hasattr(config, section) or (key and not hasattr(getattr(config, section), key)):
+                raise ConfigError(f"{owner}.reads names {read!r}, which is not a config setting")
+            if not key:
+                self._sections[section] = None
+            elif self._sections.get(section, set()) is not None:
+                self._sections.setdefault(section, set()).add(key)  # type: ignore[union-attr]
+
+    def __getattr__(self, section: str) -> Any:
+        sections = self.__dict__.get("_sections", {})
+        if section not in sections:
+            raise AttributeError(f"{self._owner} reads config.{section} without declaring it; add '{section}' (or "
+                                 f"'{section}.<key>') to {self._owner}.reads so its fingerprint covers it")
+        keys = sections[section]
+        value = getattr(self._config, section)
+        return value if keys is None else _Section(value, keys, section, self._owner)
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
 class FeatureBuilder(ABC):
-    """One table. Subclasses set `table`, `version`, `inputs` and implement `params` and `build`."""
+    """One table. Subclasses set `table`, `version`, `inputs`, `reads` and implement `build`.
+
+    The builder is handed only the config it declares in `reads` ("section" or "section.key"); its default
+    `params()` (what the fingerprint hashes) is exactly those values, less the `not_fingerprinted` ones, which
+    change how a table is computed, never what it holds (worker counts, cache folders). A builder with its own
+    section (a plug-in) sets `settings_type`, a dataclass; `[features.<name>]` is validated into it at load
+    and handed over as `self.settings`, hashed whole. Subclasses add their own identity (a model name, a kNN
+    space) by extending `params()`."""
 
     table: str
     version: str = "1"
     inputs: tuple[str, ...] = ()
     # Libraries whose versions the manifest records for this table, beyond the store's defaults.
     extra_versions: tuple[str, ...] = ()
+    # The registry key (`builders = [...]`) of a builder registered with `register_builder`.
+    name: ClassVar[str] = ""
+    reads: ClassVar[tuple[str, ...]] = ()
+    not_fingerprinted: ClassVar[tuple[str, ...]] = ()
+    settings_type: ClassVar[type | None] = None
+
+    def __init__(self, config: Config) -> None:
+        owner = type(self).__name__
+        self.config: Config = ConfigView(config, self.reads, owner)  # type: ignore[assignment]
+        self.settings: Any = None
+        if self.settings_type is not None:
+            raw = config.features.sections.get(self.name, {})
+            self.settings = apply_settings(self.settings_type(), raw, f"features.{self.name}")
 
     def params(self) -> dict[str, Any]:
-        return {}
+        out: dict[str, Any] = {}
+        for read in self.reads:
+            if read in self.not_fingerprinted:
+                continue
+            value = _plain(getattr(self.config, read.partition(".")[0]))
+            if "." in read:
+                value = _plain(getattr(value, read.partition(".")[2]))
+            elif isinstance(value, dict):
+                value = {k: v for k, v in value.items() if f"{read}.{k}" not in self.not_fingerprinted}
+            out[read] = value
+        if self.settings is not None:
+            out["settings"] = dataclasses.asdict(self.settings)
+        return out
 
     def code_sources(self) -> tuple[object, ...]:
         """Classes or modules whose source the table depends on; editing any of them rebuilds the table."""

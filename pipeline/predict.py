@@ -9,7 +9,6 @@ meta-learner predict them. Ids that are also training ids are refused by ingest:
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from featurestore.builders import BuildContext, run_builders
-from featurestore.config import Config
+from featurestore.config import Config, edited
 from featurestore.errors import StaleTable
 from featurestore.names import FOLDS, PREDICTIONS, oof_table
 from featurestore.store import FeatureStore, Timer, file_sha256
@@ -78,10 +77,9 @@ def predict_file(config: Config, store: FeatureStore, input_path: Path, out: Pat
     trained = StackRecord.of(store)
     learners, raw_features = trained.learners, trained.raw_features
     _require_current_stack(config, store, trained)
-    derived_config = copy.deepcopy(config_as_built(config, store))
-    derived_config.data.test = str(input_path)
     derived_dir = prediction_store_dir(store, input_path)
-    derived_config.store.dir = str(derived_dir)
+    derived_config = edited(config_as_built(config, store), {"data.test": str(input_path),
+                                                             "store.dir": str(derived_dir)})
     created = not derived_dir.exists()
     derived = FeatureStore(derived_dir)
     with Timer() as timer:

@@ -1,8 +1,13 @@
-"""Names the CLI and config use for feature builders. Each factory may expand into several tables."""
+"""Names the CLI and config use for feature builders. Each factory may expand into several tables.
+
+A new builder is one module with a `@register_builder` class (`name`, `reads`, optionally a `settings_type`
+dataclass for its own `[features.<name>]` section): kept outside features/ and embeddings/, it is named in
+`features.plugins`. The builder contract test (tests/test_builder_contract.py) covers every registered builder
+without anyone listing it."""
 
 from __future__ import annotations
 
-import copy
+import importlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +18,7 @@ from features.ingest import ItemsBuilder
 from features.target_encoding import TargetEncodingBuilder
 from features.text_sparse import TextSparseBuilder
 from featurestore.builders import FeatureBuilder, stale_tables
-from featurestore.config import Config, DataConfig
+from featurestore.config import SECTION_CHECKS, Config, DataConfig, apply_settings, edited
 from featurestore.errors import ConfigError, StaleTable
 from featurestore.names import IMAGE_EMB_PREFIX, image_emb_table
 from featurestore.store import FeatureStore, file_sha256
@@ -83,7 +88,55 @@ REGISTRY: dict[str, BuilderFactory] = {
 
 
 def register(name: str, factory: BuilderFactory) -> None:
+    """Adds a factory (one config -> its builders, possibly several tables) under `name`; a taken name is
+    refused."""
+    if not name or not name.replace("_", "").isalnum():
+        raise ConfigError(f"feature builder name {name!r}: expected letters, digits and '_'")
+    if name in REGISTRY and getattr(REGISTRY[name], "builder_class", None) is not getattr(factory, "builder_class",
+                                                                                           False):
+        raise ConfigError(f"feature builder name {name!r} is taken; give the new builder another `name`")
     REGISTRY[name] = factory
+
+
+def register_builder(cls: type[FeatureBuilder]) -> type[FeatureBuilder]:
+    """Class decorator: `builders = [..., cls.name]` then builds one `cls(config)` table."""
+    def factory(config: Config) -> list[FeatureBuilder]:
+        return [cls(config)]
+
+    factory.builder_class = cls  # type: ignore[attr-defined]  # re-importing the same class is not a clash
+    register(cls.name, factory)
+    return cls
+
+
+def load_builder_plugins(config: Config) -> None:
+    """Import `features.plugins` (each registers its builders)."""
+    for module in config.features.plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"features.plugins: cannot import {module!r} ({exc}); give an import path such as "
+                              "'my_package.my_builder'") from exc
+
+
+def check_builder_sections(config: Config) -> None:
+    """At load: plug-ins imported, every `builders` name registered, every `[features.<name>]` section a
+    registered builder's own settings (unknown keys, types, bounds refused)."""
+    load_builder_plugins(config)
+    unknown = [n for n in config.builders if n not in REGISTRY]
+    if unknown:
+        raise ConfigError(f"builders: unknown feature builder(s) {unknown}; known: {sorted(REGISTRY)} (a plug-in's "
+                          "module goes in features.plugins)")
+    for name, raw in config.features.sections.items():
+        cls = getattr(REGISTRY.get(name), "builder_class", None)
+        if cls is None or cls.settings_type is None:
+            owners = sorted(n for n, f in REGISTRY.items() if getattr(getattr(f, "builder_class", None),
+                                                                        "settings_type", None))
+            raise ConfigError(f"[features.{name}]: no registered builder of that name takes settings (those that "
+                              f"do: {', '.join(owners) or 'none'})")
+        apply_settings(cls.settings_type(), raw, f"features.{name}")
+
+
+SECTION_CHECKS.append(check_builder_sections)
 
 
 def builders_for(config: Config, names: list[str] | None = None) -> list[FeatureBuilder]:
@@ -115,20 +168,23 @@ def config_as_built(config: Config, store: FeatureStore) -> Config:
     info = store.info("items")
     if info is None:
         return config
-    built = copy.deepcopy(config)
+    paths: dict[str, str] = {}
     defaults = DataConfig()
     for key in ("train", "test"):
-        asked, used = getattr(config.data, key), info.params.get(key, getattr(config.data, key))
+        # "data.train" since builders hash their declared reads; stores built before that say "train".
+        recorded = info.params.get(f"data.{key}", info.params.get(key))
+        asked = getattr(config.data, key)
+        used = recorded if isinstance(recorded, str) else asked
         if _same_file(asked, used):
-            setattr(built.data, key, used)  # the same bytes elsewhere: the store's own record of the path
+            paths[f"data.{key}"] = used  # the same bytes elsewhere: the store's own record of the path
             continue
         if asked != getattr(defaults, key):
             raise StaleTable(f"data.{key} is {asked!r}, but the store at {store.root} was built from {used!r}; "
                              f"run `python cli.py build-features` to rebuild it from {asked!r}, or point data.{key} "
                              f"back at {used!r}")
         log.info("using the %s file the store was built from, %s (the config's default is %s)", key, used, asked)
-        setattr(built.data, key, used)
-    return built
+        paths[f"data.{key}"] = used
+    return config if all(getattr(config.data, k[5:]) == v for k, v in paths.items()) else edited(config, paths)
 
 
 def require_fresh(config: Config, store: FeatureStore, tables: set[str],

@@ -18,8 +18,8 @@ from featurestore.config import Config, load_config  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
 
 # The plug-ins shipped with the tests register before collection, so the registry-wide contract tests (every
-# learner, every meta-learner) cover them like the built-ins, without naming them.
-for _plugin in ("tests.toy_learner", "tests.toy_meta"):
+# learner, every meta-learner, every feature builder) cover them like the built-ins, without naming them.
+for _plugin in ("tests.toy_learner", "tests.toy_meta", "tests.toy_builder"):
     importlib.import_module(_plugin)
 
 SAMPLE = ROOT / "data" / "sample"

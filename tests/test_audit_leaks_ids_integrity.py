@@ -4,7 +4,6 @@ Each test failed on the code before its fix (see the README's reliability table)
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import pytest
 
 from features.ingest import IngestError
 from featurestore.builders import BuildContext, run_builders
-from featurestore.config import MAX_TRIALS, Config, ConfigError, load_config
+from featurestore.config import MAX_TRIALS, Config, ConfigError, load_config, thawed
 from featurestore.errors import IntegrityError, StaleTable
 from featurestore.store import FeatureStore, atomic_write
 from models.inference import predict_saved
@@ -125,7 +124,7 @@ def test_a_config_built_in_code_meets_the_guard_where_tables_are_read_and_the_le
     with pytest.raises(ConfigError, match="renamed.quality_score equals log1p"):
         fit_spec(frame.filter(pl.col("split") == "train"), ["catalog", "renamed"], 100)
 
-    config = copy.deepcopy(small_config)
+    config = thawed(small_config)
     # Mutated after load: the load-time check never ran. 40 rows: let LightGBM split at all.
     config.models.sections["lgbm"] = {"tables": ["catalog", "items"], "rounds": 60, "early_stopping_rounds": 10,
                                       "params": {"min_data_in_leaf": 3, "num_leaves": 7}}
@@ -241,7 +240,7 @@ def test_a_stack_that_predicts_nan_commits_nothing(small_config: Config) -> None
                                                                pl.Series("pred_log", log_price),
                                                                pl.Series("pred_price", np.expm1(log_price)))
         store.write(f"oof__{name}", table, builder="test", params={}, fingerprint=name, seconds=0.0)
-    config = copy.deepcopy(small_config)
+    config = thawed(small_config)
     config.models.learners, config.stacking.metas = ["lgbm", "ridge"], ["blend"]
     config.models.threads = 1
     with pytest.raises(ValueError, match="non-finite"):
@@ -260,12 +259,12 @@ def test_a_changed_train_file_in_the_config_is_refused_naming_both_paths(small_c
     _statuses(small_config, store)
     same_bytes = tmp_path / "same.parquet"
     shutil.copy(small_config.data.train, same_bytes)
-    moved = copy.deepcopy(small_config)
+    moved = thawed(small_config)
     moved.data.train = str(same_bytes)
     require_fresh(moved, store, {"folds"})  # control: the same bytes elsewhere are the same file
     other = tmp_path / "other.parquet"
     pl.read_parquet(small_config.data.train).with_columns(pl.col("price") * 2).write_parquet(other)
-    changed = copy.deepcopy(small_config)
+    changed = thawed(small_config)
     changed.data.train = str(other)
     with pytest.raises(StaleTable, match=f"data.train is '{other}'.*built from '{small_config.data.train}'"):
         require_fresh(changed, store, {"folds"})

@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 
 from featurestore.builders import BuildContext, FeatureBuilder, fingerprint_inputs, run_builders
-from featurestore.config import Config, load_config
+from featurestore.config import Config, KnnConfig, load_config
 from featurestore.store import FeatureStore
 from pipeline.registry import REGISTRY, builders_for
 from tests.conftest import make_config
@@ -35,11 +35,13 @@ class RecordingStore(FeatureStore):
         return super().read(name, columns)
 
 
+# Every registered builder (plug-ins included: tests/toy_builder.py registers one), MiniLM for text.
+SETTINGS = {"catalog.use_spacy": False, "text_embeddings.models": ["minilm"], "builders": list(REGISTRY),
+            "knn.spaces": [s for s in KnnConfig().spaces if "mpnet" not in s]}
+
+
 def _config(tmp_path: Path, train: pl.DataFrame, test: pl.DataFrame) -> Config:
-    config = make_config(tmp_path, train, test, **{"catalog.use_spacy": False, "folds.k": 4, "folds.price_bands": 4,
-                                                   "text_embeddings.models": ["minilm"]})
-    config.knn.spaces = [s for s in config.knn.spaces if "mpnet" not in s]
-    return config
+    return make_config(tmp_path, train, test, **{**SETTINGS, "folds.k": 4, "folds.price_bands": 4})
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,7 @@ def _builders(config: Config) -> list[FeatureBuilder]:
 def _table_names() -> list[str]:
     """Every table the registry's builders write under the contract's settings, known at collection: a new
     builder (or a builder that writes several tables) is covered without anyone listing it."""
-    config = load_config(None, {"catalog.use_spacy": False, "text_embeddings.models": ["minilm"]})
-    config.knn.spaces = [s for s in config.knn.spaces if "mpnet" not in s]
-    return [b.table for b in builders_for(config)]
+    return [b.table for b in builders_for(load_config(None, SETTINGS))]
 
 
 TABLES = _table_names()
@@ -75,8 +75,36 @@ def _builder(config: Config, table: str) -> FeatureBuilder:
 
 def test_every_registered_builder_is_covered(built) -> None:
     config, _ = built
-    assert set(config.builders) == set(REGISTRY)  # the default config runs every registered builder
-    assert len(_builders(config)) >= 10
+    assert set(config.builders) == set(REGISTRY)
+    built_in = {n for n, f in REGISTRY.items() if not getattr(f, "builder_class", type).__module__.startswith("tests")}
+    assert set(Config().builders) == built_in  # the default config runs every built-in builder
+    assert len(_builders(config)) >= 11 and "toy_len" in TABLES
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_a_builder_sees_only_what_its_fingerprint_covers(built, table: str) -> None:
+    """Its config is a view of its `reads`; every `not_fingerprinted` entry is something it reads; and its params
+    hash every other declared value (fingerprint coverage by construction, not by a hand-kept params())."""
+    config, _ = built
+    builder = _builder(config, table)
+    for entry in builder.not_fingerprinted:
+        section, _, key = entry.partition(".")
+        assert entry in builder.reads or section in builder.reads, f"{table}: {entry} is not read"
+    params = builder.params()
+    for read in builder.reads:
+        assert read in params or read in builder.not_fingerprinted, f"{table}: {read} missing from params"
+    with pytest.raises(AttributeError, match=r"reads config.stacking without declaring it; add 'stacking'"):
+        builder.config.stacking  # noqa: B018  the control: an undeclared section is refused
+
+
+def test_an_undeclared_key_is_refused_and_a_declared_one_reaches_the_fingerprint(built) -> None:
+    config, store = built
+    folds = _builder(config, "folds")
+    with pytest.raises(AttributeError, match=r"config.columns.id without declaring it; add 'columns.id'"):
+        folds.config.columns.id  # noqa: B018  FoldsBuilder declares columns.group only
+    before = fingerprint_inputs(folds, store)
+    moved = _builder(replace(config, folds=replace(config.folds, price_bands=3)), "folds")
+    assert fingerprint_inputs(moved, store)["params"] != before["params"]
 
 
 @pytest.mark.parametrize("table", TABLES)

@@ -138,9 +138,9 @@ def test_non_csv_extension(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not (SHARED / "mercari").is_dir(), reason="shared Mercari corpus not present")
 def test_mercari_loads_through_column_mapping(tmp_path: Path) -> None:
-    config = load_config(Path(__file__).parents[1] / "configs" / "mercari.toml", {"store.dir": str(tmp_path)})
-    config.data.train = str(SHARED / "mercari" / "train.parquet")
-    config.data.test = str(SHARED / "mercari" / "test_unlabelled.parquet")
+    config = load_config(Path(__file__).parents[1] / "configs" / "mercari.toml", {
+        "store.dir": str(tmp_path), "data.train": str(SHARED / "mercari" / "train.parquet"),
+        "data.test": str(SHARED / "mercari" / "test_unlabelled.parquet")})
     items = load_items(config)
     train = items.filter(pl.col("split") == "train")
     assert train.height == 54_806

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from featurestore.config import Config
+from featurestore.config import Config, StackingConfig
 from models.base import Inputs
 from models.metrics import METRICS, leaderboard_score, mape, metric, to_price, to_target
 from models.registry import learner_class
@@ -90,8 +90,7 @@ def test_the_stack_is_chosen_by_the_configured_metric() -> None:
     x = np.column_stack([np.full(n, np.log1p(np.exp(5.0))), np.full(n, np.log1p(weighted_median))])
     x = x + rng.normal(0, 0.01, x.shape)
     fold = np.arange(n) % 5
-    config = Config()
-    config.stacking.metas = []
+    config = Config(stacking=StackingConfig(metas=[]))
     chosen = {}
     for name in ("smape", "mape"):
         inputs = StackInputs(ids=np.arange(n), fold=fold, price=price, x=x, feature_names=["median", "low"],

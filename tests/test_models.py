@@ -3,7 +3,6 @@ and `predict` reproducing the pipeline's own test-time features and predictions 
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 from features.ingest import IngestError
 from features.target_encoding import encode_column
 from featurestore.builders import BuildContext, run_builders
-from featurestore.config import Config
+from featurestore.config import Config, thawed
 from featurestore.errors import StaleTable
 from featurestore.sparse import sparse_width
 from featurestore.store import FeatureStore
@@ -151,7 +150,7 @@ def test_stack_meta_predictions_ignore_their_own_fold_targets(stacked) -> None:
     k = 2
     rows = inputs.fold == k
     for seed in range(20):
-        cfg = copy.deepcopy(config)
+        cfg = thawed(config)
         cfg.stacking.seed = seed
         cfg.stacking.metas = ["blend", "ridge"] if seed else ["blend", "ridge", "lgbm"]
         honest = [run_levels(b, cfg, 6, None, f"n{seed}{i}").meta_oof[rows] for i, b in
@@ -254,7 +253,7 @@ def test_predict_refuses_a_stack_whose_inputs_changed(stacked, tmp_path: Path) -
             predict_file(config, store, Path(config.data.test), tmp_path / "x.csv", progress=False)
     finally:
         train_path.write_bytes(original)
-    retuned = copy.deepcopy(config)
+    retuned = thawed(config)
     retuned.stacking.seed += 1
     with pytest.raises(StaleTable, match="tuned on other"):
         predict_file(retuned, store, Path(config.data.test), tmp_path / "x.csv", progress=False)
@@ -368,7 +367,7 @@ def test_stack_retrains_only_stale_learners(stacked) -> None:
     config, store, _ = stacked
     record = train_and_stack(config, store, trials=4, progress=False)
     assert {b["status"] for b in record.base_learners.values()} == {"reused"}
-    stale = copy.deepcopy(config)
+    stale = thawed(config)
     stale.models.sections.setdefault("lgbm", {})["learning_rate"] = 0.2
     record = train_and_stack(stale, store, trials=4, progress=False)
     statuses = {table: b["status"] for table, b in record.base_learners.items()}

@@ -1,5 +1,5 @@
 """A learner kept outside models/ arrives as one file plus one `[models.<name>]` section, and runs through
-`train` and `stack` like the built-in ones."""
+`train` and `stack` like the built-in ones; so does a feature builder (one file plus `[features.<name>]`)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,14 @@ def test_a_plugin_learner_trains_and_stacks_through_the_cli(tmp_path: Path) -> N
     config = tmp_path / "c.toml"
     # Plus a variant of a built-in learner: its own section, its own oof table, stacked beside its base.
     # And a plug-in meta-learner (tests/toy_meta.py): one module named in models.plugins, picked in stacking.metas.
+    # And a plug-in out-of-fold feature builder (tests/toy_builder.py) with its own section, read by the toy learner.
     config.write_text(FAST.replace('learners = ["toy", "ridge"]', 'learners = ["toy", "ridge", "ridge_strong"]')
+                      .replace('"catalog"]\n[catalog]', '"catalog", "toy_len"]\n[catalog]')
+                      .replace('[models.toy]\ntables = ["catalog"]', '[models.toy]\ntables = ["catalog", "toy_len"]')
                       .replace('plugins = ["tests.toy_learner"]', 'plugins = ["tests.toy_learner", "tests.toy_meta"]')
                       .replace("raw_features = []", 'raw_features = []\nmetas = ["toy_median", "blend"]')
-                      + '[models.ridge_strong]\nlearner = "ridge"\nalpha = 300.0\n')
+                      + '[models.ridge_strong]\nlearner = "ridge"\nalpha = 300.0\n'
+                      + '[features]\nplugins = ["tests.toy_builder"]\n[features.toy_len]\nbands = 3\n')
     common = ["--config", str(config), "--store", str(tmp_path / "s")]
 
     def cli(*args: str) -> str:
@@ -67,6 +71,11 @@ def test_a_plugin_learner_trains_and_stacks_through_the_cli(tmp_path: Path) -> N
     tables = tmp_path / "s" / "tables"
     ridge, strong = (pl.read_parquet(tables / f"oof__{n}.parquet") for n in ("ridge", "ridge_strong"))
     assert not np.allclose(ridge["pred"].to_numpy(), strong["pred"].to_numpy())  # alpha reached the variant
+    from featurestore.store import FeatureStore
+
+    assert FeatureStore(tmp_path / "s", create=False).info("toy_len").params["settings"] == {"bands": 3}
+    toy_len = pl.read_parquet(tables / "toy_len.parquet")
+    assert toy_len.height == 100 and toy_len["len_band_logp"].is_finite().all()
     oof = pl.read_parquet(tables / "oof__toy.parquet")
     assert oof.filter(pl.col("fold") >= 0)["pred"].is_finite().all() and oof.height == 100
 
@@ -99,3 +108,24 @@ def test_a_variant_copies_its_base_learners_section_and_is_validated(tmp_path: P
     path.write_text(FAST.replace("shrink = 3.0", 'shrink = 3.0\nlearner = "ridge"'))  # a plug-in's own name
     with pytest.raises(ConfigError, match="'toy' is already a registered learner"):
         load_plugins(load_config(path))
+
+
+def test_a_plugin_builders_section_and_name_are_checked_at_load(tmp_path: Path) -> None:
+    """`[features.<name>]` is validated against the builder's settings, and a section or `builders` entry that no
+    registered builder owns is refused with the known names, before anything runs."""
+    import pipeline.registry  # noqa: F401  registers the load-time check
+
+    path = tmp_path / "c.toml"
+    plugin = '[features]\nplugins = ["tests.toy_builder"]\n'
+    path.write_text(FAST + plugin + "[features.toy_len]\nbands = 1\n")
+    with pytest.raises(ConfigError, match="features.toy_len.bands is 1; expected at least 2"):
+        load_config(path)
+    path.write_text(FAST + plugin + "[features.toy_lne]\nbands = 3\n")
+    with pytest.raises(ConfigError, match=r"\[features.toy_lne\]: no registered builder .* \(those that do: toy_len\)"):
+        load_config(path)
+    path.write_text(FAST.replace('"catalog"]\n[catalog]', '"catalog", "toy_lne"]\n[catalog]'))
+    with pytest.raises(ConfigError, match=r"builders: unknown feature builder\(s\) \['toy_lne'\]"):
+        load_config(path)
+    path.write_text(FAST + '[features]\nplugins = ["tests.no_such_module"]\n')
+    with pytest.raises(ConfigError, match="features.plugins: cannot import 'tests.no_such_module'"):
+        load_config(path)

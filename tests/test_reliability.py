@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 
 from featurestore.builders import BuildContext, run_builders
-from featurestore.config import Config
+from featurestore.config import Config, edited
 from featurestore.errors import StaleTable, StoreBusy, UserError
 from featurestore.lock import writer_lock
 from featurestore.store import FeatureStore
@@ -266,9 +266,7 @@ def test_a_store_made_by_an_older_version_retrains(small_config: Config, tmp_pat
     from models.train import TrainedLearner
     from pipeline.run import train_learners
 
-    config = small_config
-    config.models.learners = ["ridge"]
-    config.models.sections.setdefault("ridge", {})["tables"] = ["catalog"]
+    config = edited(small_config, {"models.learners": ["ridge"], "models.ridge": {"tables": ["catalog"]}})
     store = FeatureStore(config.store.dir)
     _build(config, store)
     train_learners(config, store, progress=False)

@@ -20,7 +20,7 @@ SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
 from featurestore.builders import BuildContext, run_builders
-from featurestore.config import load_config
+from featurestore.config import edited, load_config
 from featurestore.store import FeatureStore
 from models.learners.gbdt import GbdtSettings
 from models.learners.mlp import MlpSettings
@@ -32,8 +32,7 @@ config = load_config({root!r} + "/configs/default.toml", {{
     "data.train": {train!r}, "data.test": {test!r}, "store.dir": {store!r}, "models.threads": 2,
     "text_embeddings.models": ["minilm"], "stacking.trials": 4}})
 drop = lambda tables: [t for t in tables if "mpnet" not in t]
-config.knn.spaces = drop(config.knn.spaces)
-config.knn.concat = drop(config.knn.concat)
+config = edited(config, {{"knn.spaces": drop(config.knn.spaces), "knn.concat": drop(config.knn.concat)}})
 for name in config.models.learners:
     settings = learner_settings(config, name)
     section = config.models.sections.setdefault(name, {{}})

@@ -101,8 +101,9 @@ def test_default_toml_matches_code_defaults() -> None:
 
     loaded = load_config(ROOT / "configs" / "default.toml")
     sections = loaded.models.sections
-    loaded.models.sections = {}
-    assert dataclasses.asdict(loaded) == dataclasses.asdict(Config())
+    as_loaded = dataclasses.asdict(loaded)
+    as_loaded["models"]["sections"] = {}
+    assert as_loaded == dataclasses.asdict(Config())
     documented = {name for name, cls in LEARNERS.items() if cls.__module__.startswith("models.learners.")}
     assert set(sections) == documented, "every built-in learner has its section in configs/default.toml"
     for name, raw in sections.items():
@@ -191,3 +192,18 @@ def test_sql_out_refuses_to_overwrite(built_store: Path, tmp_path: Path) -> None
     assert result.returncode == 0 and pl.read_csv(out).height == 50
     result = _cli("sql", "SELECT 1", "--store", str(built_store), "--out", str(tmp_path / "nope" / "x.parquet"))
     assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_the_loaded_config_is_frozen_and_edits_are_checked_again(tmp_path: Path) -> None:
+    """What a command runs on is what was validated: assignment after load raises, naming the way to derive a
+    config (`edited`), which runs every load-time check again."""
+    from featurestore.config import edited
+
+    config = load_config(None, {"store.dir": str(tmp_path)})
+    with pytest.raises(dataclasses.FrozenInstanceError, match=r"cannot set FoldsConfig.k; derive a new one"):
+        config.folds.k = 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.text_sparse.fields[0].min_df = 0  # sections inside lists are frozen too
+    with pytest.raises(ConfigError, match="folds.k is 2; expected at least 3"):
+        edited(config, {"folds.k": 2})
+    assert edited(config, {"folds.k": 4}).folds.k == 4 and config.folds.k == 5  # the original is untouched
