@@ -7,12 +7,17 @@ texts whose words track the target for learners that read text):
 fit → predictions of the right shape, finite, clearly better than the best constant on held-out rows; `predict`
 before `fit` raises NotFittedError; save → load in a
 fresh instance → identical predictions; the same seed → identical predictions; importance keys ⊆ feature names;
-a learner that does not read sparse input refuses one.
+a learner that does not read sparse input refuses one; `fit` leaves its settings untouched; a row's prediction
+does not depend on the other rows predicted with it; for learners that claim `supports_weights`, a row of weight
+0 counts as a removed row (a fit whose 0-weight rows carry wild targets stays near the fit without them, and far
+from the fit that weighs them in, the control).
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
+from dataclasses import is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +64,14 @@ def verify_learner(cls: type[BaseLearner], settings: Any) -> None:
         pass
     else:
         raise AssertionError(f"{cls.name}: predict before fit must raise NotFittedError")
+    before = copy.deepcopy(settings)
     first = fitted(7)
+    if is_dataclass(settings):  # every registered learner's settings are (LearnerSettings)
+        assert settings == before, f"{cls.name}: fit changed its settings ({before} -> {settings})"
     pred = first.predict(x.rows(test))
+    parts = np.concatenate([first.predict(x.rows(test[:1])), first.predict(x.rows(test[1:17])),
+                            first.predict(x.rows(test[17:]))])
+    assert np.array_equal(pred, parts), f"{cls.name}: a row's prediction depends on the rows predicted with it"
     assert pred.shape == (len(test),) and np.isfinite(pred).all(), f"{cls.name}: bad predictions {pred[:3]}"
     assert np.array_equal(pred, fitted(7).predict(x.rows(test))), f"{cls.name}: same seed, different output"
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,3 +95,30 @@ def verify_learner(cls: type[BaseLearner], settings: Any) -> None:
             pass
         else:
             raise AssertionError(f"{cls.name}: does not read sparse input but accepted it")
+    if cls.supports_weights:
+        _zero_weight_is_a_removed_row(cls, settings, x, y, names, train, watch, test)
+
+
+def _zero_weight_is_a_removed_row(cls: type[BaseLearner], settings: Any, x: Inputs, y: np.ndarray,
+                                  names: list[str], train: np.ndarray, watch: np.ndarray, test: np.ndarray) -> None:
+    """Exact equality is too strict (a GBDT bins on every row; minibatches shift), so: most training rows (a
+    majority, so that robust losses such as L1 and Huber cannot shrug them off) get targets moved by +20. With
+    weight 0 the predictions must stay close to a fit without those rows; with weight 1 (the control) they must
+    move far, or the check could not tell."""
+    bad = train[train % 3 != 0]
+    moved = y.copy()
+    moved[bad] += 20.0
+    kept = np.setdiff1d(train, bad)
+
+    def predict(rows: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+        learner = cls(settings, 7, 1, names, [])
+        inputs = replace(x.rows(rows), weight=weight)
+        return learner.fit(inputs, moved[rows], x.rows(watch), moved[watch]).predict(x.rows(test))
+
+    removed = predict(kept, None)
+    zero = predict(train, np.where(np.isin(train, bad), 0.0, 1.0))
+    counted = predict(train, np.ones(len(train)))
+    gap, pulled = float(np.mean(np.abs(zero - removed))), float(np.mean(np.abs(counted - removed)))
+    assert pulled > 1.0, f"{cls.name}: control: weight-1 wild rows moved predictions by only {pulled:.3f}"
+    assert gap < 0.1 * pulled, (f"{cls.name}: 0-weight rows moved predictions by {gap:.3f} (weighted in: "
+                                f"{pulled:.3f}); a 0 weight must count as a removed row")

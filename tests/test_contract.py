@@ -127,3 +127,66 @@ def test_the_contract_catches_a_learner_that_learns_nothing() -> None:
 
     with pytest.raises(AssertionError, match="learns nothing"):
         verify_learner(Constant, object())
+
+
+@dataclasses.dataclass
+class _LstsqSettings:
+    shrink: float = 1.0
+
+
+class _Lstsq(BaseLearner):
+    """A learner that meets the contract (least squares on the dense columns, weighted): the base of the
+    controls below, each breaking one rule."""
+
+    name = "lstsq_test"
+    file_pattern = "fold{fold}.npy"
+    uses_early_stopping = False
+    supports_weights = True
+
+    def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
+        design = np.column_stack([np.nan_to_num(train.dense), np.ones(len(train))])
+        w = np.ones(len(train)) if train.weight is None else train.weight
+        gram = design.T @ (design * w[:, None]) + self.settings.shrink * np.eye(design.shape[1])
+        self.coef_ = np.linalg.solve(gram, design.T @ (w * y))
+
+    def _predict(self, x: Inputs) -> np.ndarray:
+        return np.column_stack([np.nan_to_num(x.dense), np.ones(len(x))]) @ self.coef_
+
+    def _save(self, path) -> None:  # noqa: ANN001
+        np.save(path, self.coef_)
+
+    def _load(self, path) -> None:  # noqa: ANN001
+        self.coef_ = np.load(path)
+
+
+def test_the_contract_passes_the_honest_control_learner() -> None:
+    verify_learner(_Lstsq, _LstsqSettings())
+
+
+def test_the_contract_catches_a_learner_that_ignores_its_weights() -> None:
+    class Unweighted(_Lstsq):
+        def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
+            super()._fit(dataclasses.replace(train, weight=None), y, watch, y_watch)
+
+    with pytest.raises(AssertionError, match="a 0 weight must count as a removed row"):
+        verify_learner(Unweighted, _LstsqSettings())
+
+
+def test_the_contract_catches_a_learner_that_changes_its_settings() -> None:
+    class Meddling(_Lstsq):
+        def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
+            self.settings.shrink *= 2  # e.g. a learning-rate schedule written back into the settings
+            super()._fit(train, y, watch, y_watch)
+
+    with pytest.raises(AssertionError, match="fit changed its settings"):
+        verify_learner(Meddling, _LstsqSettings())
+
+
+def test_the_contract_catches_predictions_that_depend_on_batch_mates() -> None:
+    class BatchCentred(_Lstsq):
+        def _predict(self, x: Inputs) -> np.ndarray:
+            pred = super()._predict(x)
+            return pred - 0.1 * (pred - pred.mean())  # e.g. batch statistics left on at predict time
+
+    with pytest.raises(AssertionError, match="depends on the rows predicted with it"):
+        verify_learner(BatchCentred, _LstsqSettings())

@@ -87,7 +87,7 @@ def test_chunk_mode_pools_long_texts(tmp_path: Path, real_train: pl.DataFrame) -
     assert np.allclose(np.linalg.norm(chunked, axis=1), 1.0, atol=1e-4)
     assert (np.abs(chunked - truncated).max(axis=1) > 1e-3).all()
     info = FeatureStore(config.store.dir).info("text_emb__minilm")
-    assert info.params["long_text"] == "chunk"
+    assert info.params["text_embeddings"]["long_text"] == "chunk"
 
 
 def test_mpnet_reassembled_offline(tmp_path: Path, real_train: pl.DataFrame) -> None:
@@ -152,7 +152,7 @@ def test_image_embeddings_with_fallbacks(tmp_path: Path, real_train: pl.DataFram
     info = store.info("image_emb__resnet")
     assert info.extra["images_ok"] == 4 and info.extra["encoder"] == encoder and info.extra["weights_sha256"]
     if encoder == "open_clip":
-        assert info.params["pretrained"].startswith("none (random init")
+        assert info.params["images.pretrained"] == "random" and info.params["random_init_seed"] == 0
     with store.connect() as con:
         n, share = con.execute("SELECT count(*), avg(image_ok::INT) FROM image_emb__resnet").fetchone()
     assert n == len(names) and share == pytest.approx(0.4)

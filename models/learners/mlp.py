@@ -136,9 +136,16 @@ class MLPLearner(BaseLearner):
             scale = np.nan_to_num(np.nanstd(train.dense, axis=0), nan=1.0)
         net.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
         net.scale.copy_(torch.from_numpy(np.where(scale > 1e-6, scale, 1.0).astype(np.float32)))
-        net.y_mean.fill_(float(y.mean()))
-        net.y_scale.fill_(float(y.std()) or 1.0)
-        target = torch.from_numpy(((y - y.mean()) / (y.std() or 1.0)).astype(np.float32))
+        # The target's centre and scale under the row weights: a 0-weight row must not move them (unweighted, wild
+        # 0-weight targets inflated the scale and the net fitted the rest badly; found by verify_learner).
+        if train.weight is None:
+            y_mean, y_std = float(y.mean()), float(y.std())
+        else:
+            y_mean = float(np.average(y, weights=train.weight))
+            y_std = float(np.sqrt(np.average((y - y_mean) ** 2, weights=train.weight)))
+        net.y_mean.fill_(y_mean)
+        net.y_scale.fill_(y_std or 1.0)
+        target = torch.from_numpy(((y - y_mean) / (y_std or 1.0)).astype(np.float32))
         dense_params = [p for name, p in net.named_parameters() if not name.startswith("sparse.")]
         optimisers: list[torch.optim.Optimizer] = [
             torch.optim.AdamW(dense_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)]
