@@ -50,6 +50,10 @@ StoreOpt = Annotated[str | None, typer.Option("--store", help="store folder (ove
 TrainOpt = Annotated[str | None, typer.Option("--train", help="training file, CSV or Parquet (overrides data.train)")]
 TestOpt = Annotated[str | None, typer.Option("--test", help="test file, CSV or Parquet (overrides data.test)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or info logs")]
+EngineOpt = Annotated[str | None, typer.Option("--engine", help="where the batch loops run: local | ray "
+                                                                  "(overrides engine.kind)")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster: \"\" = private local Ray, "
+                                                                    "\"auto\" or host:port = join one")]
 
 
 @app.callback()
@@ -124,10 +128,11 @@ def build_features(
     test: TestOpt = None,
     only: Annotated[list[str] | None, typer.Option("--only", help="run just these builders (repeatable)")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even when a table is up to date")] = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
 ) -> None:
     """Ingest, then build every feature table in `builders` (each skipped when up to date)."""
-    overrides = {"store.dir": store, "data.train": train, "data.test": test}
+    overrides = {"store.dir": store, "data.train": train, "data.test": test, "engine.kind": engine,
+                 "engine.address": address}
     with _writing(config, overrides, quiet, "build-features") as (cfg, fs):
         _run(cfg, fs, only, force, quiet)
     typer.echo(f"store: {fs.root}  (SQL: python cli.py sql \"SELECT * FROM catalog LIMIT 5\")")
@@ -223,12 +228,13 @@ def train(
     config: ConfigOpt = None, store: StoreOpt = None,
     learner: Annotated[list[str] | None, typer.Option("--learner", help="only these learners (repeatable)")] = None,
     force: Annotated[bool, typer.Option(help="retrain even when oof__<learner> is up to date")] = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
 ) -> None:
     """Cross-fit base learners into oof__<learner> tables (each skipped when up to date)."""
     from pipeline.run import train_learners
 
-    with _writing(config, {"store.dir": store}, quiet, "train") as (cfg, fs):
+    overrides = {"store.dir": store, "engine.kind": engine, "engine.address": address}
+    with _writing(config, overrides, quiet, "train") as (cfg, fs):
         if not (learner or cfg.models.learners):
             raise UserError("no learners to train: models.learners is empty and no --learner was given")
         results = train_learners(cfg, fs, learner, force=force, progress=not quiet)
@@ -242,13 +248,13 @@ def train(
 def stack(
     config: ConfigOpt = None, store: StoreOpt = None,
     trials: Annotated[int | None, typer.Option(help="meta-learner candidates (default: stacking.trials)")] = None,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
 ) -> None:
     """Train stale base learners, tune the meta-learner with Optuna, write predictions + submission.csv."""
     from pipeline.run import train_and_stack
     from pipeline.stack import check_stack_settings
 
-    overrides = {"store.dir": store, "stacking.trials": trials}
+    overrides = {"store.dir": store, "stacking.trials": trials, "engine.kind": engine, "engine.address": address}
     check_stack_settings(_config(config, overrides, quiet))  # before any store is made or locked
     with _writing(config, overrides, quiet, "stack") as (cfg, fs):
         record = train_and_stack(cfg, fs, cfg.stacking.trials, progress=not quiet)
@@ -263,7 +269,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="file to write (sample_id,price): .csv or .parquet")
                    ] = Path("predictions.csv"),
     force: Annotated[bool, typer.Option(help="overwrite --out if it exists")] = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
 ) -> None:
     """Price new rows: same feature builders, stored fold models and stored meta-learner."""
     from pipeline.predict import predict_file
@@ -271,9 +277,10 @@ def predict(
     if not input.is_file():
         raise UserError(f"--input {input}: file not found")
     _out_path(out, force)
-    _setup(config, {"store.dir": store}, quiet)  # the store must exist: predict never makes one
+    overrides = {"store.dir": store, "engine.kind": engine, "engine.address": address}
+    _setup(config, overrides, quiet)  # the store must exist: predict never makes one
     # The writer lock: predict builds its derived store inside this one and must not meet a retrain halfway.
-    with _writing(config, {"store.dir": store}, quiet, "predict") as (cfg, fs):
+    with _writing(config, overrides, quiet, "predict") as (cfg, fs):
         predictions = predict_file(cfg, fs, input, out, progress=not quiet)
     typer.echo(f"wrote {predictions.height} predictions to {out}")
 

@@ -28,7 +28,7 @@ from embeddings.text import TextEmbeddingBuilder, load_sentence_model  # noqa: E
 from features.ingest import ItemsBuilder  # noqa: E402
 from featurestore.builders import BuildContext, run_builders  # noqa: E402
 from featurestore.config import load_config  # noqa: E402
-from featurestore.devices import resolve_device  # noqa: E402
+from featurestore.devices import resolve_device, threads  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def text_case(model_name: str, rows: int, tmp: Path) -> dict:
     texts = train["catalog_content"].to_list()
     tcfg = config.text_embeddings
 
-    model = load_sentence_model(model_name, config)
+    model = load_sentence_model(model_name, config.text_embeddings, threads(config))
     model.encode(texts[:8], batch_size=tcfg.batch_size)  # warm-up
     t0 = time.perf_counter()
     model.encode(texts, batch_size=tcfg.batch_size, normalize_embeddings=True, convert_to_numpy=True)
@@ -54,7 +54,7 @@ def text_case(model_name: str, rows: int, tmp: Path) -> dict:
     import embeddings.text as text_module
 
     original = text_module.load_sentence_model
-    text_module.load_sentence_model = lambda name, cfg: model  # same loaded model: time the job, not the load
+    text_module.load_sentence_model = lambda *args: model  # same loaded model: time the job, not the load
     try:
         t0 = time.perf_counter()
         run_builders(BuildContext(store, config, progress=False), [TextEmbeddingBuilder(config, model_name)])
@@ -81,7 +81,8 @@ def backend_case(model_name: str, rows: int) -> dict:
         config = load_config(ROOT / "configs/default.toml", {"text_embeddings.backend": backend})
         tcfg = config.text_embeddings
         t0 = time.perf_counter()
-        model = load_sentence_model(model_name, config)  # the first ONNX call exports (cached after)
+        # the first ONNX call exports (cached after)
+        model = load_sentence_model(model_name, config.text_embeddings, threads(config))
         load = time.perf_counter() - t0
         encode(model, texts[:8], tcfg.batch_size, tcfg.long_text)  # warm-up
         t0 = time.perf_counter()

@@ -22,8 +22,8 @@ import polars as pl
 from embeddings.download import Downloader, FetchOutcome, resolve_local
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from featurestore.builders import BuildContext, Built, FeatureBuilder
-from featurestore.config import Config
-from featurestore.devices import resolve_device, threads
+from featurestore.config import Config, ImageConfig
+from featurestore.devices import resolve_device
 from featurestore.errors import ConfigError, UserError
 from featurestore.names import image_emb_table
 from featurestore.store import file_sha256
@@ -138,11 +138,11 @@ def _weights_hash(path: str) -> str:
 class ClipEncoder:
     """open_clip behind the encoders' interface (preprocess one image, embed a stacked batch)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, icfg: ImageConfig, threads: int) -> None:
         import open_clip
         import torch
 
-        icfg = config.images
+        torch.set_num_threads(threads)
         if not icfg.pretrained:
             raise UserError("images.encoder = 'open_clip' needs images.pretrained: a pretrained tag (internet once) "
                             "or a local checkpoint, or 'random' for random weights (a code-path check only); an "
@@ -175,13 +175,45 @@ class ClipEncoder:
         return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
 
 
-def load_encoder(config: Config) -> Any:
+def load_encoder(icfg: ImageConfig, threads: int) -> Any:
     """The configured image encoder: an offline pretrained ONNX backbone, or open_clip."""
-    if config.images.encoder == "open_clip":
-        return ClipEncoder(config)
+    if icfg.encoder == "open_clip":
+        return ClipEncoder(icfg, threads)
     from embeddings.image_encoders import OnnxImageEncoder
 
-    return OnnxImageEncoder(config.images.encoder, threads=threads(config), device=config.images.device)
+    return OnnxImageEncoder(icfg.encoder, threads=threads, device=icfg.device)
+
+
+class ImageEncoder:
+    """One loaded encoder embedding part after part (the embed stage's unit, built once per worker). A part is a
+    frame of (sample_id, path); the result is (sample_id, embedding, image_ok, image_error) plus the run facts."""
+
+    def __init__(self, icfg: ImageConfig, store_root: str, batch_size: int, threads: int) -> None:
+        self.encoder = load_encoder(icfg, threads)
+        self.root, self.batch_size = Path(store_root), batch_size
+        self.max_file_bytes, self.max_pixels = icfg.max_file_bytes, icfg.max_pixels
+
+    def __call__(self, part: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Any]]:
+        dim = self.encoder.dim
+        vectors = np.zeros((part.height, dim), dtype=np.float32)
+        errors: list[str | None] = []
+        arrays, positions = [], []
+        for position, path in enumerate(part["path"].to_list()):
+            full = None if path is None else str(self.root / path)  # relative ones are in the store
+            image, error = load_image(full, self.max_file_bytes, self.max_pixels)
+            errors.append(error)
+            if image is not None:
+                arrays.append(self.encoder.preprocess(image))
+                positions.append(position)
+        for start in range(0, len(arrays), self.batch_size):
+            batch = np.stack(arrays[start : start + self.batch_size])
+            vectors[positions[start : start + self.batch_size]] = self.encoder.embed(batch)
+        frame = part.select("sample_id").with_columns(
+            pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim)),
+            pl.Series("image_ok", [e is None for e in errors], dtype=pl.Boolean),
+            pl.Series("image_error", errors, dtype=pl.String),
+        )
+        return frame, {"weights_sha256": self.encoder.weights_sha256, "device": self.encoder.device}
 
 
 class ImageEmbeddingBuilder(FeatureBuilder):
@@ -189,9 +221,9 @@ class ImageEmbeddingBuilder(FeatureBuilder):
     inputs = ("image_files",)
     extra_versions = ("torch", "open_clip_torch", "onnxruntime", "pillow")
     reads = ("images.encoder", "images.alias", "images.model", "images.pretrained", "images.batch_size",
-             "images.max_pixels", "images.max_file_bytes", "images.device", "models.threads")
-    # The alias only names the table; thread counts change speed (the reproducibility promise is per thread count).
-    not_fingerprinted = ("images.alias", "models.threads")
+             "images.max_pixels", "images.max_file_bytes", "images.device")
+    # The alias only names the table. Threads come from the engine (the reproducibility promise is per thread count).
+    not_fingerprinted = ("images.alias",)
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -219,38 +251,19 @@ class ImageEmbeddingBuilder(FeatureBuilder):
             files = files.join(reused.select("sample_id"), on="sample_id", how="anti")
             if files.is_empty():
                 return self._built(reused.sort("sample_id"), reused.height)
-        encoder = load_encoder(self.config)
-        dim = encoder.dim
         # A `predict` store embeds its new images one at a time, so no row's vector depends on its batch-mates
         # (the other rows of the input file); see the text builder.
         batch_size = 1 if ctx.parent is not None else icfg.batch_size
-
-        def process(chunk: pl.DataFrame) -> pl.DataFrame:
-            vectors = np.zeros((chunk.height, dim), dtype=np.float32)
-            errors: list[str | None] = []
-            arrays, positions = [], []
-            for position, path in enumerate(chunk["path"].to_list()):
-                full = None if path is None else str(ctx.store.root / path)  # relative ones are in the store
-                image, error = load_image(full, icfg.max_file_bytes, icfg.max_pixels)
-                errors.append(error)
-                if image is not None:
-                    arrays.append(encoder.preprocess(image))
-                    positions.append(position)
-            for start in range(0, len(arrays), batch_size):
-                batch = np.stack(arrays[start : start + batch_size])
-                vectors[positions[start : start + batch_size]] = encoder.embed(batch)
-            return chunk.select("sample_id").with_columns(
-                pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim)),
-                pl.Series("image_ok", [e is None for e in errors], dtype=pl.Boolean),
-                pl.Series("image_error", errors, dtype=pl.String),
-            )
-
+        # Paths relative to the store resolve against it on the worker: a multi-node cluster needs the store and
+        # the image folder on a filesystem every node mounts at the same path (README, "On a cluster").
+        encoder = (ImageEncoder, (self.config.images, str(ctx.store.root), batch_size))
         scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
-        table = run_in_parts(files, icfg.batch_size * 8, scratch, process, self.table, ctx.progress)
+        table, run = run_in_parts(files, icfg.batch_size * 8, scratch, ctx.engine, "embed", encoder, self.table,
+                                  ctx.progress)
         if reused is not None:
             table = pl.concat([reused.select(table.columns).cast(table.schema), table]).sort("sample_id")
         return self._built(table, 0 if reused is None else reused.height,
-                           {"weights_sha256": encoder.weights_sha256, "device": encoder.device})
+                           {**run, "engine": ctx.engine.record("embed")})
 
     def _built(self, table: pl.DataFrame, rows_reused: int, run: dict[str, Any] | None = None) -> Built:
         return Built(table, {"encoder": self.config.images.encoder, "dim": table.schema["embedding"].size,

@@ -16,8 +16,9 @@ from typing import Any
 import polars as pl
 from tqdm import tqdm
 
+from featurestore.engine import Engine
 from featurestore.fingerprint import code_hash
-from featurestore.store import FeatureStore, atomic_write_parquet
+from featurestore.store import FeatureStore, atomic_write_parquet, atomic_write_text
 
 
 def scratch_for(store: FeatureStore, table: str, fingerprint: str) -> Path:
@@ -32,25 +33,30 @@ def run_in_parts(
     rows: pl.DataFrame,
     part_size: int,
     scratch: Path,
-    process: Callable[[pl.DataFrame], pl.DataFrame],
+    engine: Engine,
+    stage: str,
+    worker: tuple[type, tuple[Any, ...]],
     desc: str,
     progress: bool,
-) -> pl.DataFrame:
-    """Apply `process` to consecutive slices of `rows`, persisting each result; return them concatenated."""
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Hand the parts of `rows` not yet on disk to `engine` (each worker built as `worker[0](*worker[1],
+    threads=...)`, called on a part, returning (frame, run facts)); persist each result as it arrives, in part
+    order; return every part concatenated and the run facts (from the first part computed, kept in scratch so a
+    resumed build still has them). The main process is the only writer: workers return frames."""
     n_parts = max(1, -(-rows.height // part_size))
-    results = []
+    paths = [scratch / f"part-{index:05d}.parquet" for index in range(n_parts)]
+    todo = [index for index in range(n_parts) if not paths[index].is_file()]
+    facts_path = scratch / "run.json"
     with tqdm(total=rows.height, desc=desc, disable=not progress, unit="row") as bar:
-        for index in range(n_parts):
-            path = scratch / f"part-{index:05d}.parquet"
-            chunk = rows.slice(index * part_size, part_size)
-            if path.is_file():
-                done = pl.read_parquet(path)
-            else:
-                done = process(chunk)
-                atomic_write_parquet(done, path)
-            results.append(done)
-            bar.update(chunk.height)
-    return pl.concat(results)
+        bar.update(rows.height - sum(min(part_size, rows.height - index * part_size) for index in todo))
+        chunks = [rows.slice(index * part_size, part_size) for index in todo]
+        for index, (frame, facts) in zip(todo, engine.map_parts(stage, worker[0], worker[1], chunks), strict=True):
+            atomic_write_parquet(frame, paths[index])
+            if not facts_path.is_file():
+                atomic_write_text(facts_path, json.dumps(facts))
+            bar.update(frame.height)
+    facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
+    return pl.concat([pl.read_parquet(path) for path in paths]), facts
 
 
 def reuse_key(builder: object, params: dict[str, Any]) -> str:

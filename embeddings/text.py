@@ -16,8 +16,8 @@ import polars as pl
 from embeddings.onnx_text import OnnxSentenceEncoder, exported_model
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
 from featurestore.builders import BuildContext, Built, FeatureBuilder
-from featurestore.config import Config
-from featurestore.devices import resolve_device, threads
+from featurestore.config import Config, TextEmbeddingConfig
+from featurestore.devices import resolve_device
 from featurestore.errors import ConfigError, UserError
 from featurestore.names import TEXT_EMB_PREFIX, text_emb_table
 from weights.text import resolve_text_model
@@ -28,8 +28,11 @@ def table_name(alias: str) -> str:
 
 
 def resolve_backend(config: Config) -> str:
+    return backend_of(config.text_embeddings)
+
+
+def backend_of(tcfg: TextEmbeddingConfig) -> str:
     """torch or one of the ONNX Runtime backends; "auto" = torch on a GPU, onnx_int8 on CPU."""
-    tcfg = config.text_embeddings
     device = resolve_device(tcfg.device)
     if tcfg.backend == "auto":
         return "torch" if device.startswith("cuda") else "onnx_int8"
@@ -39,23 +42,23 @@ def resolve_backend(config: Config) -> str:
     return tcfg.backend
 
 
-def load_sentence_model(name: str, config: Config) -> Any:
-    """A model with sentence-transformers' `encode` contract, on the configured device and backend."""
+def load_sentence_model(name: str, tcfg: TextEmbeddingConfig, threads: int) -> Any:
+    """A model with sentence-transformers' `encode` contract, on the configured device and backend, its CPU
+    inference pinned to `threads`."""
     from sentence_transformers import SentenceTransformer
 
-    tcfg = config.text_embeddings
     device = resolve_device(tcfg.device)
     path = resolve_text_model(name, tcfg.cache_dir)
     model = SentenceTransformer(path, device=device)
     model.max_seq_length = tcfg.max_seq_length
-    backend = resolve_backend(config)
+    backend = backend_of(tcfg)
     if backend != "torch":
         if not Path(path).is_dir():
             raise UserError(f"text_embeddings.backend = {backend!r} exports local weights; {name!r} is not a "
                             "folder (use the minilm/mpnet aliases, a local folder, or backend = \"torch\")")
         alias = table_name(name).removeprefix(TEXT_EMB_PREFIX)
         onnx_path = exported_model(model, alias, Path(path), Path(tcfg.cache_dir).expanduser(), backend)
-        return OnnxSentenceEncoder(model, onnx_path, threads=threads(config))
+        return OnnxSentenceEncoder(model, onnx_path, threads=threads)
     if device.startswith("cuda"):
         model.half()
     return model
@@ -98,16 +101,37 @@ def _export_name(model: Any) -> str:
     return "" if path is None else f"{path.parent.name}/{path.name}"
 
 
+class TextEncoder:
+    """One loaded model encoding part after part: the unit of the embed stage (an engine builds one per worker,
+    so the model loads once per worker). A part is a frame of (sample_id, text); the result is (sample_id,
+    embedding) plus what the manifest records about the model."""
+
+    def __init__(self, model_name: str, tcfg: TextEmbeddingConfig, batch_size: int, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.model = load_sentence_model(model_name, tcfg, threads)
+        self.batch_size, self.long_text = batch_size, tcfg.long_text
+        # sentence-transformers 6 renamed the method; older releases only have the first name.
+        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = dim_of()
+
+    def __call__(self, part: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Any]]:
+        vectors = encode(self.model, part["text"].to_list(), self.batch_size, self.long_text).astype(np.float32)
+        embedding = pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, self.dim))
+        return part.select("sample_id").with_columns(embedding), {"onnx_export": _export_name(self.model)}
+
+
 class TextEmbeddingBuilder(FeatureBuilder):
     version = "1"
     inputs = ("items",)
     extra_versions = ("torch", "sentence-transformers", "transformers", "onnxruntime")
-    reads = ("text_embeddings", "models.threads")
+    reads = ("text_embeddings",)
     # Each table is one model (its name is in params); part files hold whole batches; the export cache is where
-    # the ONNX files live (which export made the vectors is in the manifest); threads change speed (the
-    # reproducibility promise is per thread count). device and backend are hashed as resolved, below.
+    # the ONNX files live (which export made the vectors is in the manifest). device and backend are hashed as
+    # resolved, below. Threads come from the engine (the reproducibility promise is per thread count).
     not_fingerprinted = ("text_embeddings.models", "text_embeddings.flush_every", "text_embeddings.cache_dir",
-                         "text_embeddings.device", "text_embeddings.backend", "models.threads")
+                         "text_embeddings.device", "text_embeddings.backend")
 
     def __init__(self, config: Config, model_name: str) -> None:
         super().__init__(config)
@@ -128,25 +152,17 @@ class TextEmbeddingBuilder(FeatureBuilder):
         rows = todo.with_columns(length=pl.col("text").str.len_bytes()).sort(
             ["length", "sample_id"], descending=[True, False]
         )
-        model = load_sentence_model(self.model_name, self.config)
-        # sentence-transformers 6 renamed the method; older releases only have the first name.
-        dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        dim = dim_of()
 
         # A store derived for `predict` encodes its new rows one at a time: with int8 ONNX a vector depends on its
         # batch-mates (dynamic quantisation scales over the whole batch tensor; padding changes GEMM shapes), so a
         # row's price would move with the other rows of the input file. Training stores keep full batches.
         batch_size = 1 if ctx.parent is not None else tcfg.batch_size
-
-        def process(chunk: pl.DataFrame) -> pl.DataFrame:
-            vectors = encode(model, chunk["text"].to_list(), batch_size, tcfg.long_text).astype(np.float32)
-            embedding = pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim))
-            return chunk.select("sample_id").with_columns(embedding)
-
+        encoder = (TextEncoder, (self.model_name, tcfg, batch_size))
         scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
+        run: dict[str, Any] = {}
         if rows.height:
-            table = run_in_parts(rows, tcfg.batch_size * tcfg.flush_every, scratch, process, self.table,
-                                 ctx.progress)
+            table, run = run_in_parts(rows, tcfg.batch_size * tcfg.flush_every, scratch, ctx.engine, "embed",
+                                      encoder, self.table, ctx.progress)
             if reused is not None:
                 table = pl.concat([reused.select(table.columns).cast(table.schema), table])
         else:
@@ -159,6 +175,7 @@ class TextEmbeddingBuilder(FeatureBuilder):
                            "device": resolve_device(self.config.text_embeddings.device),
                            "backend": resolve_backend(self.config),
                            # <weights>-<export key>/<file> in the cache: which export made these vectors.
-                           "onnx_export": _export_name(model),
+                           "onnx_export": run.get("onnx_export", ""),
+                           "engine": ctx.engine.record("embed"),
                            "reuse_key": reuse_key(self, self.params()),
                            "rows_reused": 0 if reused is None else reused.height})

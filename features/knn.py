@@ -11,7 +11,9 @@ price), and a row never sees itself (excluded by id). Ties in similarity are bro
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -20,6 +22,7 @@ import polars as pl
 
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
+from featurestore.engine import Engine, LocalEngine
 from featurestore.errors import ConfigError, StaleTable
 from featurestore.folds import FoldMean, fold_plan, items_with_folds
 from featurestore.names import knn_space_name, knn_table
@@ -110,12 +113,39 @@ def _largest_group(key: np.ndarray) -> int:
     return max(Counter(v for v in key if v is not None).values(), default=0)
 
 
+@dataclass
+class _Search:
+    """What every fold's search reads (shipped to the engine once per table)."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    log_price: np.ndarray
+    keys: list[np.ndarray]
+    test_rows: np.ndarray
+    k: int  # neighbours fetched: max(ks) + margin
+    ks: list[int]
+    prefix: str
+    index_kind: str
+
+
+def _search_fold(s: _Search, unit: tuple[np.ndarray, np.ndarray], threads: int) -> dict[str, np.ndarray]:
+    """One fold: its rows and every test row query the fold's fitting rows. The kNN stage's unit."""
+    query_rows, base_rows = unit
+    faiss.omp_set_num_threads(threads)
+    queries = np.concatenate([query_rows, s.test_rows])
+    sims, idx = search(s.vectors[base_rows], s.vectors[queries], s.k, s.index_kind)
+    return neighbour_stats(sims, idx, s.ids[base_rows], s.log_price[base_rows], [k[base_rows] for k in s.keys],
+                           s.ids[queries], [k[queries] for k in s.keys], s.ks, s.prefix)
+
+
 def knn_features(
     ids: np.ndarray, vectors: np.ndarray, log_price: np.ndarray, fold: np.ndarray, keys: list[np.ndarray],
-    ks: list[int], prefix: str, index_kind: str = "flat",
+    ks: list[int], prefix: str, index_kind: str = "flat", engine: Engine | None = None,
 ) -> dict[str, np.ndarray]:
-    """Features for every row. fold = -1 marks test rows (unlabelled); train rows have fold >= 0."""
+    """Features for every row. fold = -1 marks test rows (unlabelled); train rows have fold >= 0. One unit per
+    fold on `engine` (default: here, every core); results are combined in fold order."""
     n = len(ids)
+    engine = engine or LocalEngine(os.cpu_count() or 1)
     # Fetch enough extra neighbours that skipping every duplicate of a query still leaves max(ks) of them.
     margin = TIE_MARGIN + sum(_largest_group(k) for k in keys)
     columns: dict[str, np.ndarray] = {}
@@ -123,13 +153,9 @@ def knn_features(
     # Test rows: per statistic, the mean over the folds that could compute it.
     test_mean: dict[str, FoldMean] = {}
     # Each fold queries the other folds; so does every test row, once per fold, and averages what it finds.
-    for _, query_rows, base_rows in fold_plan(fold):
-        if len(base_rows) == 0:
-            continue
-        queries = np.concatenate([query_rows, test_rows])
-        sims, idx = search(vectors[base_rows], vectors[queries], max(ks) + margin, index_kind)
-        stats = neighbour_stats(sims, idx, ids[base_rows], log_price[base_rows], [k[base_rows] for k in keys],
-                                ids[queries], [k[queries] for k in keys], ks, prefix)
+    plan = [(query_rows, base_rows) for _, query_rows, base_rows in fold_plan(fold) if len(base_rows)]
+    shared = _Search(ids, vectors, log_price, keys, test_rows, max(ks) + margin, ks, prefix, index_kind)
+    for (query_rows, _), stats in zip(plan, engine.map("knn", _search_fold, plan, shared), strict=True):
         for name, values in stats.items():
             columns.setdefault(name, np.full(n, np.nan))[query_rows] = values[: len(query_rows)]
             test_mean.setdefault(name, FoldMean(len(test_rows))).add(values[len(query_rows):])
@@ -175,5 +201,6 @@ class KnnBuilder(FeatureBuilder):
                 keys.append(np.array(files["sha256"].to_list(), dtype=object))
         columns = knn_features(frame["sample_id"].to_numpy(), vectors, np.log1p(frame["price"].to_numpy()),
                                frame["fold"].to_numpy(), keys, self.config.knn.ks, short_name(self.space),
-                               self.config.knn.index)
-        return Built(frame.select("sample_id").with_columns(**{k: pl.Series(v) for k, v in columns.items()}))
+                               self.config.knn.index, ctx.engine)
+        return Built(frame.select("sample_id").with_columns(**{k: pl.Series(v) for k, v in columns.items()}),
+                     {"engine": ctx.engine.record("knn")})

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import polars as pl
 
 from featurestore.config import Config, apply_settings
+from featurestore.engine import Engine, engine_for
 from featurestore.errors import ConfigError, MissingTable
 from featurestore.fingerprint import code_hash
 from featurestore.store import FeatureStore, Timer, file_fingerprint
@@ -35,6 +36,12 @@ class BuildContext:
     # A store whose row-wise tables (embeddings) may be reused for unchanged rows: `predict` derives its store
     # from the training store this way.
     parent: FeatureStore | None = None
+    # Where the builders' loops run ([engine]); one per command, made from the config when not given.
+    engine: Engine = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.engine is None:
+            self.engine = engine_for(self.config)
 
 
 @dataclass
@@ -52,7 +59,10 @@ class _Section:
         self._section, self._keys, self._where, self._owner = section, keys, where, owner
 
     def __getattr__(self, key: str) -> Any:
-        if key not in self._keys:
+        keys = self.__dict__.get("_keys")
+        if keys is None or key.startswith("__"):  # unpickling (a copy sent to a worker) looks up dunders first
+            raise AttributeError(key)
+        if key not in keys:
             raise AttributeError(f"{self._owner} reads config.{self._where}.{key} without declaring it; add "
                                  f"'{self._where}.{key}' to {self._owner}.reads so its fingerprint covers it")
         return getattr(self._section, key)
@@ -76,7 +86,9 @@ class ConfigView:
                 self._sections.setdefault(section, set()).add(key)  # type: ignore[union-attr]
 
     def __getattr__(self, section: str) -> Any:
-        sections = self.__dict__.get("_sections", {})
+        sections = self.__dict__.get("_sections")
+        if sections is None or section.startswith("__"):  # unpickling looks up dunders before __dict__ is set
+            raise AttributeError(section)
         if section not in sections:
             raise AttributeError(f"{self._owner} reads config.{section} without declaring it; add '{section}' (or "
                                  f"'{section}.<key>') to {self._owner}.reads so its fingerprint covers it")

@@ -262,6 +262,34 @@ class StackingConfig(Section):
 
 
 @dataclass
+class StageConfig(Section):
+    # Resources one unit of a stage asks Ray for; num_cpus is also the thread count the libraries inside the unit
+    # get (ORT, torch, LightGBM, faiss, BLAS). Results are bit-identical across engines at equal threads per unit.
+    num_cpus: int = at_least(1, 1)
+    num_gpus: float = at_least(0.0, 0.0)
+    memory_mb: int = at_least(0, 0)  # 0 = no reservation
+
+
+@dataclass
+class EngineConfig(Section):
+    """Where the batch loops run: "local" (this process, today's loops) or "ray" (a Ray cluster). The engine
+    changes speed, never results: it is in no fingerprint; each table's manifest row records what ran it."""
+
+    kind: str = choice("local", "ray")
+    # Ray only: "" starts a private local Ray of num_cpus cores (0 = all); "auto" or "host:port" joins a cluster.
+    address: str = ""
+    num_cpus: int = at_least(0, 0)
+    # A unit whose worker dies (a killed process, a lost node) is retried this many times, then the command stops.
+    retries: int = at_least(2, 0)
+    # Stack candidates evaluated per Ray task.
+    candidates_per_task: int = at_least(4, 1)
+    embed: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=2))
+    knn: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=1))
+    train: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=1))
+    stack: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=1))
+
+
+@dataclass
 class TaskConfig(Section):
     """What the predictions are scored on; every score, loss default and the stack's objective follow it."""
 
@@ -288,6 +316,7 @@ class Config(Section):
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     stacking: StackingConfig = field(default_factory=StackingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     # Which feature builders `build-features` runs, in order (names from pipeline.registry).
     builders: list[str] = field(
         default_factory=lambda: ["items", "folds", "catalog", "target_enc", "text_sparse", "text_emb",

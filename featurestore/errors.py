@@ -43,3 +43,8 @@ class StaleTable(UserError):
 class IntegrityError(UserError):
     """A stored file (table, model, meta-learner, ONNX export) no longer has the bytes recorded when it was
     written: bit rot, a partial copy, a hand edit. Never loaded; the message says what rebuilds it."""
+
+
+class EngineError(UserError, RuntimeError):
+    """The execution engine could not run a unit: a Ray worker or node died past its retries, the cluster cannot
+    be reached, or a worker tried to open the store (workers get data; the main process alone writes)."""

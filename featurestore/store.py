@@ -25,7 +25,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featurestore.errors import InputError, IntegrityError, MissingTable, StoreBusy, StoreNotFound
+from featurestore.engine import in_worker
+from featurestore.errors import EngineError, InputError, IntegrityError, MissingTable, StoreBusy, StoreNotFound
 from featurestore.lock import database_lock, pid_alive
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,16 @@ class FeatureStore:
             finally:
                 con.close()
 
+    def _refuse_in_worker(self, what: str) -> None:
+        """The single-writer rule: units on workers get data and return data; only the main process touches the
+        store's database and tables (two writers would interleave manifest rows; a remote node may not even see
+        this folder)."""
+        if in_worker():
+            raise EngineError(f"an engine worker tried to {what} the store at {self.root}; workers get their data "
+                              "from the main process and return results to it (engine.md's single-writer rule)")
+
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        self._refuse_in_worker("open the DuckDB file of")
         """A process outside this tool (the plain `duckdb` client) may hold the file open: wait for it a while,
         then say who holds it, instead of DuckDB's raw lock error mid-build."""
         deadline = time.monotonic() + LOCK_WAIT_S
@@ -307,6 +317,7 @@ class FeatureStore:
         extra_versions: tuple[str, ...] = (),
         inputs: dict[str, Any] | None = None,
     ) -> None:
+        self._refuse_in_worker(f"write table {name} to")
         path = self.table_path(name)
         if "sample_id" in df.columns and df["sample_id"].is_duplicated().any():
             # One row per item is what every join on sample_id assumes: a builder that repeats ids has a bug.

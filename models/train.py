@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Callable
+import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,12 @@ from tqdm import tqdm
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.devices import threads
+from featurestore.engine import Engine, LocalEngine
 from featurestore.errors import ConfigError, InputError, MissingTable, StaleTable
 from featurestore.folds import FoldMean, fold_plan
 from featurestore.names import oof_table
 from featurestore.sparse import sparse_column_names, sparse_width
-from featurestore.store import FeatureStore, Timer, file_sha256, verify_file
+from featurestore.store import FeatureStore, Timer, atomic_write, file_sha256, verify_file
 from models.base import AUTO, BaseLearner, Inputs, WithObjective
 from models.matrix import (
     MatrixSpec,
@@ -74,14 +75,73 @@ class CrossFitResult:
     importance: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class _Folds:
+    """What every fold's fit reads (shipped to the engine once per learner)."""
+
+    make: LearnerFactory
+    x: Inputs
+    y: np.ndarray
+    groups: np.ndarray
+    watch_fraction: float
+    seed: int
+    test_rows: np.ndarray
+
+
+@dataclass
+class _FoldFit:
+    """What a fold's unit returns: the model files' bytes (the main process writes them) and what the reloaded
+    model predicted."""
+
+    files: dict[str, bytes]
+    oof: np.ndarray
+    test: np.ndarray
+    importance: dict[str, float]
+    best_iteration: int | None
+    seconds: float
+
+
+def _fit_fold(s: _Folds, unit: tuple[int, np.ndarray, np.ndarray, dict[str, bytes] | None], threads: int
+              ) -> _FoldFit:
+    """One (learner, fold): fit on the other folds (or load a fold saved by an interrupted run), save, reload the
+    saved file and predict with it: the numbers come from exactly what `predict` will load. The train stage's
+    unit; it writes only into its own temporary folder, never the store."""
+    k, valid_rows, fit_rows, saved = unit
+    with Timer() as timer, tempfile.TemporaryDirectory(prefix="fold-") as tmp:
+        learner = s.make(k, threads)
+        path = Path(tmp) / learner.file_pattern.format(fold=k)
+        if saved is not None:
+            for name, data in saved.items():
+                (Path(tmp) / name).write_bytes(data)
+            learner = s.make(k, threads).load(path)
+        elif learner.uses_early_stopping:
+            watch = watch_mask(s.groups[fit_rows], s.watch_fraction, s.seed, k)
+            train_rows, watch_rows = fit_rows[~watch], fit_rows[watch]
+            learner.fit(s.x.rows(train_rows), s.y[train_rows], s.x.rows(watch_rows), s.y[watch_rows])
+        else:
+            learner.fit(s.x.rows(fit_rows), s.y[fit_rows])
+        if saved is None:
+            learner.save(path)
+        loaded = s.make(k, threads).load(path)
+        oof = _finite(loaded.predict(s.x.rows(valid_rows)), loaded.name, k, "validation")
+        test = (_finite(loaded.predict(s.x.rows(s.test_rows)), loaded.name, k, "test") if len(s.test_rows)
+                else np.zeros(0))
+        files = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
+        importance, best = learner.importance(), learner.best_iteration
+    return _FoldFit(files, oof, test, importance, best, round(timer.seconds, 2))
+
+
 def cross_fit(
-    make: Callable[[int], BaseLearner], x: Inputs, price: np.ndarray, fold: np.ndarray, groups: np.ndarray,
+    make: LearnerFactory, x: Inputs, price: np.ndarray, fold: np.ndarray, groups: np.ndarray,
     target: str, watch_fraction: float, seed: int, model_dir: Path, progress: bool = False,
-    task_metric: Metric = METRICS["smape"],
+    task_metric: Metric = METRICS["smape"], engine: Engine | None = None,
 ) -> CrossFitResult:
     """Fit one model per fold (seed + fold), save it, reload it and predict with the reloaded file, so the
     pipeline's numbers come from exactly what `predict` will load. `groups` keys the early-stopping slice.
-    Folds are scored with `task_metric`; its row weights (MAPE: 1/y) reach learners that support weights."""
+    Folds are scored with `task_metric`; its row weights (MAPE: 1/y) reach learners that support weights.
+    One unit per fold on `engine` (default: here, `make`'s threads); the main process writes each fold's model
+    files as they arrive and combines predictions in fold order."""
+    engine = engine or LocalEngine(make.threads)
     is_test = fold < 0
     y = np.where(is_test, np.nan, to_target(np.nan_to_num(price, nan=1.0), target))
     weights = task_metric.fit_weights(np.nan_to_num(price, nan=1.0))
@@ -93,31 +153,28 @@ def cross_fit(
     test_mean = FoldMean(len(test_rows))
     result = CrossFitResult(oof=oof, test=np.zeros(len(test_rows)))
     importance: dict[str, float] = {}
-    for k, valid_rows, fit_rows in tqdm(plan, desc="folds", disable=not progress):
-        with Timer() as timer:
-            learner = make(k)
-            path = model_dir / learner.file_pattern.format(fold=k)
-            if learner.resumes_folds and path.is_file():
-                # A fold saved (atomically) by an interrupted run of this same build: same inputs, same code.
-                log.info("fold %d: resumed from %s", k, path.name)
-                learner = make(k).load(path)
-            else:
-                if learner.uses_early_stopping:
-                    watch = watch_mask(groups[fit_rows], watch_fraction, seed, k)
-                    train_rows, watch_rows = fit_rows[~watch], fit_rows[watch]
-                    learner.fit(x.rows(train_rows), y[train_rows], x.rows(watch_rows), y[watch_rows])
-                else:
-                    learner.fit(x.rows(fit_rows), y[fit_rows])
-                learner.save(path)
-            for name, gain in learner.importance().items():
-                importance[name] = importance.get(name, 0.0) + gain / len(plan)
-            loaded = make(k).load(path)
-            oof[valid_rows] = _finite(loaded.predict(x.rows(valid_rows)), loaded.name, k, "validation")
-            if len(test_rows):
-                test_mean.add(_finite(loaded.predict(x.rows(test_rows)), loaded.name, k, "test"))
+    units = []
+    for k, valid_rows, fit_rows in plan:
+        path = model_dir / make(k).file_pattern.format(fold=k)
+        # A fold saved (atomically) by an interrupted run of this same build: same inputs, same code.
+        saved = {path.name: path.read_bytes()} if make(k).resumes_folds and path.is_file() else None
+        if saved is not None:
+            log.info("fold %d: resumed from %s", k, path.name)
+        units.append((k, valid_rows, fit_rows, saved))
+    shared = _Folds(make, x, y, groups, watch_fraction, seed, test_rows)
+    fits = engine.map("train", _fit_fold, units, shared)
+    for (k, valid_rows, _), fitted in tqdm(zip(plan, fits, strict=True), total=len(plan), desc="folds",
+                                               disable=not progress):
+        for name, data in fitted.files.items():
+            atomic_write(model_dir / name, lambda tmp, data=data: tmp.write_bytes(data))
+        for name, gain in fitted.importance.items():
+            importance[name] = importance.get(name, 0.0) + gain / len(plan)
+        oof[valid_rows] = fitted.oof
+        if len(test_rows):
+            test_mean.add(fitted.test)
         result.fold_scores[k] = round(task_metric.score(price[valid_rows], to_price(oof[valid_rows], target)), 4)
-        result.best_iterations[k] = learner.best_iteration
-        result.seconds[k] = round(timer.seconds, 2)
+        result.best_iterations[k] = fitted.best_iteration
+        result.seconds[k] = fitted.seconds
     result.test = test_mean.mean()
     result.importance = importance
     return result
@@ -149,12 +206,27 @@ def resolved_settings(config: Config, name: str) -> Any:
     return settings
 
 
-def make_learner(config: Config, name: str, spec: MatrixSpec) -> Callable[[int], BaseLearner]:
-    """Fold k's learner: its own settings section (objective resolved), seed + k, the configured threads."""
-    cls = learner_class(name, config)
-    settings = resolved_settings(config, name)
-    return lambda k: cls(settings, config.models.seed + k, threads(config), spec.feature_names,
-                         spec.categorical_indices, name=name)
+@dataclass
+class LearnerFactory:
+    """Fold k's learner: its own settings section (objective resolved), seed + k; threads from the engine that
+    runs the fold (default: the configured `models.threads`). Picklable: it travels to Ray workers."""
+
+    cls: type[BaseLearner]
+    settings: Any
+    seed: int
+    threads: int
+    feature_names: list[str]
+    categorical: list[int]
+    name: str
+
+    def __call__(self, k: int, threads: int | None = None) -> BaseLearner:
+        return self.cls(self.settings, self.seed + k, threads or self.threads, self.feature_names, self.categorical,
+                        name=self.name)
+
+
+def make_learner(config: Config, name: str, spec: MatrixSpec) -> LearnerFactory:
+    return LearnerFactory(learner_class(name, config), resolved_settings(config, name), config.models.seed,
+                          threads(config), spec.feature_names, spec.categorical_indices, name)
 
 
 @dataclass
@@ -277,7 +349,7 @@ class LearnerBuilder(FeatureBuilder):
         make = make_learner(self.config, self.name, spec)
         task_metric, target = metric(self.config.task.metric), task_target(self.config)
         result = cross_fit(make, x, price, fold, groups, target, m.early_stopping_fraction, m.seed, model_dir,
-                           progress=ctx.progress, task_metric=task_metric)
+                           progress=ctx.progress, task_metric=task_metric, engine=ctx.engine)
         spec.save(model_dir / SPEC_FILE)  # last: its presence marks a complete model folder
         output = np.where(fold >= 0, result.oof, np.nan)
         output[fold < 0] = result.test
@@ -306,7 +378,7 @@ class LearnerBuilder(FeatureBuilder):
         log.info("%s: OOF %s %.2f (folds %s)", self.table, task_metric.name, record.oof_score, result.fold_scores)
         table = frame.select("sample_id", "fold").with_columns(
             pl.Series("pred", output), pl.Series("pred_log", np.log1p(price_pred)), pl.Series("pred_price", price_pred))
-        return Built(table, asdict(record))
+        return Built(table, {**asdict(record), "engine": ctx.engine.record("train")})
 
 
 def _readable(store: FeatureStore, top: list[tuple[str, float]], spec: MatrixSpec) -> list[tuple[str, float]]:

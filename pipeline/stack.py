@@ -18,6 +18,7 @@ from threadpoolctl import threadpool_limits
 from featurestore.builders import BuildResult
 from featurestore.config import Config
 from featurestore.devices import threads
+from featurestore.engine import Engine
 from featurestore.errors import ConfigError, InputError
 from featurestore.names import (
     PREDICTIONS,
@@ -51,7 +52,7 @@ def check_stack_settings(config: Config) -> None:
 
 
 def run_stack(store: FeatureStore, config: Config, trials: int, built: list[BuildResult],
-              train_seconds: float = 0.0) -> StackRecord:
+              train_seconds: float = 0.0, engine: Engine | None = None) -> StackRecord:
     """Run the studies over the trained learners' OOF tables (`built`: how each was trained, for the record);
     write stack_oof, predictions, submission.csv and a run record."""
     check_stack_settings(config)
@@ -65,7 +66,8 @@ def run_stack(store: FeatureStore, config: Config, trials: int, built: list[Buil
             # The refits in this process run with the workers' one BLAS thread, so they reproduce the evaluated
             # fits bit for bit.
             with threadpool_limits(limits=META_THREADS):
-                result = run_levels(inputs, config, trials, journal_storage(store), key, workers=threads(config))
+                result = run_levels(inputs, config, trials, journal_storage(store), key, workers=threads(config),
+                                    engine=engine)
     peak_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     record = replace(

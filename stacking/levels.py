@@ -12,6 +12,7 @@ import numpy as np
 import optuna
 
 from featurestore.config import Config
+from featurestore.engine import Engine
 from models.metrics import metric
 from stacking.inputs import StackInputs
 from stacking.meta import MetaLearner, meta_class
@@ -41,13 +42,13 @@ class StackResult:
 
 
 def run_levels(inputs: StackInputs, config: Config, trials: int, storage: optuna.storages.BaseStorage | None,
-               key: str, workers: int = 1) -> StackResult:
+               key: str, workers: int = 1, engine: Engine | None = None) -> StackResult:
     """Nested level-2 CV (honest stack score) + the final meta-learner. Pure given its inputs: no store I/O."""
     seed = config.stacking.seed
     train_rows = np.flatnonzero(inputs.fold >= 0)
     test_rows = np.flatnonzero(inputs.fold < 0)
     folds = sorted(set(inputs.fold[train_rows].tolist()))
-    done = run_study(f"{key}-candidates", inputs, config, trials, storage, workers)
+    done = run_study(f"{key}-candidates", inputs, config, trials, storage, workers, engine)
     final, final_scores = _choose(done, "final")
     meta_oof = np.full(len(inputs.ids), np.nan)
     outer: dict[int, dict[str, Any]] = {}

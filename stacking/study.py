@@ -37,6 +37,7 @@ import optuna
 from threadpoolctl import threadpool_limits
 
 from featurestore.config import Config
+from featurestore.engine import Engine
 from featurestore.errors import ConfigError
 from featurestore.folds import n_folds
 from models.metrics import metric
@@ -125,6 +126,16 @@ def _evaluate_in_worker(candidate: Candidate) -> Scores:
     return evaluate(candidate, _WORKER["inputs"], _WORKER["seed"])
 
 
+def _evaluate_chunk(shared: tuple[StackInputs, int, tuple[str, ...]], chunk: list[Candidate], threads: int
+                    ) -> list[Scores]:
+    """The stack stage's unit on an engine: a chunk of candidates, one BLAS thread (as the process pool's)."""
+    inputs, seed, plugins = shared
+    for module in plugins:
+        importlib.import_module(module)
+    with threadpool_limits(limits=META_THREADS):
+        return [evaluate(c, inputs, seed) for c in chunk]
+
+
 # -- the study ------------------------------------------------------------------------------------------------
 def _propose(study: optuna.Study, index: int, metas: list[str], seed: int) -> tuple[optuna.Trial, Candidate]:
     """Candidate `index`: the baselines first, then random draws seeded by (seed, index): the same candidates
@@ -159,8 +170,11 @@ def _params_of(trial: optuna.trial.FrozenTrial) -> Candidate:
 
 
 def run_study(study_name: str, inputs: StackInputs, config: Config, trials: int,
-              storage: optuna.storages.BaseStorage | None, workers: int = 1) -> dict[int, tuple[Candidate, Scores]]:
-    """Evaluate `trials` candidates (the baselines included); resume the ones a previous run finished."""
+              storage: optuna.storages.BaseStorage | None, workers: int = 1, engine: Engine | None = None
+              ) -> dict[int, tuple[Candidate, Scores]]:
+    """Evaluate `trials` candidates (the baselines included); resume the ones a previous run finished. On a
+    distributed engine, chunks of `engine.candidates_per_task` candidates are its units; locally, `workers`
+    spawned processes."""
     baselines = baseline_metas()
     metas = [m for m in config.stacking.metas if m not in baselines]
     for name in config.stacking.metas:
@@ -190,7 +204,13 @@ def run_study(study_name: str, inputs: StackInputs, config: Config, trials: int,
     proposed = [_propose(study, i, metas, seed) for i in todo]
     candidates = [c for _, c in proposed]
     # Scores are told as they arrive (in candidate order), so a crash keeps every candidate finished before it.
-    if workers > 1 and len(candidates) > 1:
+    if engine is not None and engine.kind != "local":
+        size = config.engine.candidates_per_task
+        chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
+        shared = (inputs, seed, tuple(config.models.plugins))
+        scores = (s for chunk in engine.map("stack", _evaluate_chunk, chunks, shared) for s in chunk)
+        _tell_all(study, proposed, scores, done)
+    elif workers > 1 and len(candidates) > 1:
         # Spawned, not forked: `stack` has just trained the learners in this process, and OpenMP (LightGBM,
         # torch) deadlocks in a child forked from a parent whose thread pool is running.
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,

@@ -48,3 +48,32 @@ class RefusingLearner(_Failing):
 
     def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
         raise InputError("refusing: these rows cannot be used (a message written for the user)")
+
+
+@dataclass
+class KillingSettings(FailingSettings):
+    kill_marker: str = ""  # a file holding how many more fits kill their process
+
+
+@register
+class KillingLearner(_Failing):
+    """Kills its own worker process while `kill_marker` names a file holding a count above 0 (decremented per
+    kill: the engine's retry test). Meant for Ray workers only: it would kill a local run."""
+
+    name = "killing"
+    settings_type = KillingSettings
+
+    def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
+        import os
+        import signal
+
+        marker = Path(self.settings.kill_marker)
+        if self.settings.kill_marker and marker.is_file():
+            left = int(marker.read_text() or "0")
+            if left > 0:
+                marker.write_text(str(left - 1))
+                os.kill(os.getpid(), signal.SIGKILL)
+        self.mean_ = float(np.mean(y))
+
+    def _predict(self, x: Inputs) -> np.ndarray:
+        return np.full(len(x), getattr(self, "mean_", 0.0))

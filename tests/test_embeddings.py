@@ -13,6 +13,7 @@ from PIL import Image
 
 from featurestore.builders import BuildContext, run_builders
 from featurestore.config import Config
+from featurestore.devices import threads
 from featurestore.errors import InputError
 from featurestore.store import FeatureStore
 from pipeline.registry import builders_for
@@ -208,7 +209,7 @@ def test_a_predict_rows_vector_does_not_depend_on_the_other_new_rows(tmp_path: P
     assert first.height == 2 and first.equals(second)
 
     config = _text_config(tmp_path / "d", real_train, rows=8, **settings)
-    model = load_sentence_model("minilm", config)
+    model = load_sentence_model("minilm", config.text_embeddings, threads(config))
     texts = real_test["catalog_content"].to_list()
     alone = encode(model, texts[3:5] + texts[0:2], 4, "truncate")[:2]
     mixed = encode(model, texts[3:5] + texts[5:7], 4, "truncate")[:2]
@@ -268,10 +269,10 @@ def test_open_clip_runs_random_weights_only_when_asked_for(caplog: pytest.LogCap
     from featurestore.errors import UserError
 
     with pytest.raises(UserError, match="needs images.pretrained"):
-        load_encoder(load_config(None, {"images.encoder": "open_clip", "images.model": "ViT-S-32"}))
+        load_encoder(load_config(None, {"images.encoder": "open_clip", "images.model": "ViT-S-32"}).images, 1)
     with caplog.at_level("WARNING"):
         encoder = load_encoder(load_config(None, {"images.encoder": "open_clip", "images.model": "ViT-S-32",
-                                                  "images.pretrained": "random"}))
+                                                  "images.pretrained": "random"}).images, 1)
     assert encoder.dim == 384 and "RANDOM weights" in caplog.text
 
 
@@ -289,7 +290,8 @@ def test_onnx_backends_agree_with_torch_and_export_once(onnx_cache: Path, real_t
     for backend in ("torch", "onnx", "onnx_int8"):
         config = load_config(None, {"text_embeddings.backend": backend, "text_embeddings.cache_dir": str(onnx_cache),
                                     "text_embeddings.max_seq_length": 64})
-        vectors[backend] = encode(load_sentence_model("minilm", config), texts, 8, "truncate")
+        model = load_sentence_model("minilm", config.text_embeddings, threads(config))
+        vectors[backend] = encode(model, texts, 8, "truncate")
     fp32 = (vectors["onnx"] * vectors["torch"]).sum(axis=1)
     int8 = (vectors["onnx_int8"] * vectors["torch"]).sum(axis=1)
     assert fp32.min() > 0.9999, fp32.min()
@@ -300,7 +302,7 @@ def test_onnx_backends_agree_with_torch_and_export_once(onnx_cache: Path, real_t
     assert report["int8_cosine_to_fp32"] > 0.985
     stamp = (export / "model_int8.onnx").stat().st_mtime_ns
     config = load_config(None, {"text_embeddings.backend": "onnx_int8", "text_embeddings.cache_dir": str(onnx_cache)})
-    load_sentence_model("minilm", config)
+    load_sentence_model("minilm", config.text_embeddings, threads(config))
     assert (export / "model_int8.onnx").stat().st_mtime_ns == stamp, "a cached export was rebuilt"
 
 
@@ -344,7 +346,7 @@ def test_a_lossy_int8_export_is_refused(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(onnx_text, "_quantize", damaged)
     config = load_config(None, {"text_embeddings.backend": "onnx_int8", "text_embeddings.cache_dir": str(tmp_path)})
     with pytest.raises(InputError, match="int8 export keeps mean cosine"):
-        load_sentence_model("minilm", config)
+        load_sentence_model("minilm", config.text_embeddings, threads(config))
     assert list((tmp_path / "onnx").iterdir()) == [], "a refused export left files in the cache"
 
 
