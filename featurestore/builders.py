@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -247,32 +248,59 @@ class BuildResult:
 
 
 def run_builders(ctx: BuildContext, builders: list[FeatureBuilder], force: bool = False) -> list[BuildResult]:
-    results = []
-    for builder in builders:
-        inputs = fingerprint_inputs(builder, ctx.store)
-        fingerprint = _hash_inputs(inputs)
-        fresh = ctx.store.is_fresh(builder.table, fingerprint) and builder.artifacts_ok(ctx.store, fingerprint)
-        if not force and fresh:
-            info = ctx.store.info(builder.table)
-            assert info is not None
-            log.info("%s: up to date (fingerprint %s), reused", builder.table, fingerprint)
-            results.append(BuildResult(builder.table, "reused", 0.0, info.row_count))
-            continue
-        log.info("%s: building", builder.table)
-        with Timer() as timer:
-            built = builder.build(replace(ctx, fingerprint=fingerprint))
-        table = built.table
-        ctx.store.write(
-            builder.table,
-            table,
-            builder=type(builder).__name__,
-            params=builder.params(),
-            fingerprint=fingerprint,
-            seconds=timer.seconds,
-            extra=built.extra,
-            extra_versions=builder.extra_versions,
-            inputs=inputs,
-        )
-        log.info("%s: %d rows in %.1fs", builder.table, table.height, timer.seconds)
-        results.append(BuildResult(builder.table, "built", timer.seconds, table.height))
-    return results
+    """Build the stale tables among `builders`, in order, and record each in the manifest.
+
+    On a distributed engine, builders that do not read each other's tables build at once (a wave: the learners,
+    or the text and image encoders), each submitting its units to the engine; the main process still writes every
+    table itself, in `builders` order, after the wave. The local engine keeps the plain loop."""
+    if ctx.engine.kind == "local":
+        return [_write(ctx, builder, *_build(ctx, builder, force)) for builder in builders]
+    results: dict[str, BuildResult] = {}
+    pending = list(builders)
+    while pending:
+        later = {b.table for b in pending}
+        wave = [b for b in pending if not (set(b.inputs) & (later - {b.table}))] or pending[:1]
+        with ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="build") as pool:
+            outcomes = list(pool.map(lambda b: _build(ctx, b, force), wave))
+        for builder, outcome in zip(wave, outcomes, strict=True):
+            results[builder.table] = _write(ctx, builder, *outcome)
+        pending = [b for b in pending if b not in wave]
+    return [results[b.table] for b in builders]
+
+
+def _build(ctx: BuildContext, builder: FeatureBuilder, force: bool
+           ) -> tuple[dict[str, Any], str, Built | None, float]:
+    """The build of one table (no store write): its fingerprint inputs, fingerprint, and the built table, or
+    None when the stored one is up to date."""
+    inputs = fingerprint_inputs(builder, ctx.store)
+    fingerprint = _hash_inputs(inputs)
+    fresh = ctx.store.is_fresh(builder.table, fingerprint) and builder.artifacts_ok(ctx.store, fingerprint)
+    if not force and fresh:
+        log.info("%s: up to date (fingerprint %s), reused", builder.table, fingerprint)
+        return inputs, fingerprint, None, 0.0
+    log.info("%s: building", builder.table)
+    with Timer() as timer:
+        built = builder.build(replace(ctx, fingerprint=fingerprint))
+    return inputs, fingerprint, built, timer.seconds
+
+
+def _write(ctx: BuildContext, builder: FeatureBuilder, inputs: dict[str, Any], fingerprint: str,
+           built: Built | None, seconds: float) -> BuildResult:
+    if built is None:
+        info = ctx.store.info(builder.table)
+        assert info is not None
+        return BuildResult(builder.table, "reused", 0.0, info.row_count)
+    table = built.table
+    ctx.store.write(
+        builder.table,
+        table,
+        builder=type(builder).__name__,
+        params=builder.params(),
+        fingerprint=fingerprint,
+        seconds=seconds,
+        extra=built.extra,
+        extra_versions=builder.extra_versions,
+        inputs=inputs,
+    )
+    log.info("%s: %d rows in %.1fs", builder.table, table.height, seconds)
+    return BuildResult(builder.table, "built", seconds, table.height)

@@ -32,7 +32,7 @@ DATABASE_LOCK = ".duckdb.lock"
 
 # Locks this process already holds, by file: nested holders (a command that writes, a write inside it) pass
 # through instead of waiting on themselves (flock locks of two descriptors of one process exclude each other).
-_held: dict[str, int] = {}
+_held: dict[str, list[int]] = {}  # path -> [holders in this process, fd]
 _held_guard = threading.RLock()
 
 
@@ -59,20 +59,17 @@ def _holder_text(raw: bytes) -> str:
 
 @contextmanager
 def _flock(path: Path, operation: int) -> Iterator[int | None]:
-    """flock `path` for the block, once per process: a nested holder gets None and passes straight through.
+    """flock `path` for the block, once per process: a nested holder (the same thread, or another thread of this
+    process: builders build at once on a distributed engine) gets None and passes straight through; the flock is
+    released when the last holder leaves, whichever thread took it.
 
     Raises BlockingIOError when `operation` has LOCK_NB and another process holds the lock."""
     key = str(path)
-    with _held_guard:
-        nested = key in _held
-        if nested:
-            _held[key] += 1
-    if nested:
+    if _enter_held(key):
         try:
             yield None
         finally:
-            with _held_guard:
-                _held[key] -= 1
+            _leave_held(key)
         return
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -87,15 +84,38 @@ def _flock(path: Path, operation: int) -> Iterator[int | None]:
         fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, operation)
-        with _held_guard:
-            _held[key] = 1
-        try:
-            yield fd
-        finally:
-            with _held_guard:
-                del _held[key]
+    except BaseException:
+        os.close(fd)
+        raise
+    with _held_guard:
+        if key in _held:  # another thread of this process took it meanwhile: share that one
+            _held[key][0] += 1
+            os.close(fd)
+            fd = None  # type: ignore[assignment]
+        else:
+            _held[key] = [1, fd]
+    try:
+        yield fd
     finally:
-        os.close(fd)  # releases the flock
+        _leave_held(key)
+
+
+def _enter_held(key: str) -> bool:
+    with _held_guard:
+        if key in _held:
+            _held[key][0] += 1
+            return True
+    return False
+
+
+def _leave_held(key: str) -> None:
+    """One holder leaves; the last one closes the file, which releases the flock."""
+    with _held_guard:
+        _held[key][0] -= 1
+        if _held[key][0] > 0:
+            return
+        _, fd = _held.pop(key)
+    os.close(fd)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -77,6 +78,9 @@ class RayEngine(Engine):
                                   "Ray") from exc
         # node ids that ran units, per stage (the two-node test and the manifest read them)
         self.nodes: dict[str, set[str]] = {}
+        # One actor pool at a time: two encoders building at once (a wave) could each hold some of the CPUs while
+        # waiting for the rest for their other actors, and neither would finish.
+        self._actor_pools = threading.Lock()
 
     def unit_threads(self, stage: str) -> int:
         return int(self._stage(stage).num_cpus)
@@ -136,6 +140,11 @@ class RayEngine(Engine):
                   ) -> Iterator[Any]:
         if not parts:
             return
+        with self._actor_pools:
+            yield from self._map_parts(stage, worker_class, args, parts)
+
+    def _map_parts(self, stage: str, worker_class: type, args: tuple[Any, ...], parts: Sequence[Any]
+                   ) -> Iterator[Any]:
         threads = self.unit_threads(stage)
         actor = ray.remote(_PartWorker).options(**stage_resources(self._stage(stage)),
                                                 max_restarts=self.settings.retries,
