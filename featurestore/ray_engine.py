@@ -87,7 +87,8 @@ class RayEngine(Engine):
 
     def _stage(self, stage: str) -> Any:
         check_stage(stage)
-        return getattr(self.settings, stage)
+        return {"embed": self.settings.embed, "knn": self.settings.knn, "train": self.settings.train,
+                "stack": self.settings.stack}[stage]
 
     def record(self, stage: str) -> dict[str, Any]:
         return {**super().record(stage), "address": self.settings.address or "private local",
@@ -129,12 +130,10 @@ class RayEngine(Engine):
         shared_ref = ray.put(shared)  # once per stage, never once per task
         remote = ray.remote(_task).options(**stage_resources(self._stage(stage)), max_retries=self.settings.retries)
         futures = [remote.remote(fn, shared_ref, unit, threads) for unit in units]
-        try:
-            for future in futures:
-                yield self._get(stage, future)
-        finally:
-            for future in futures:
-                ray.cancel(future)  # a no-op for finished ones; stops the rest when the caller stops early
+        # When a unit fails, its siblings are left to finish and their results dropped: `ray.cancel` on tasks that
+        # were finishing at that moment crashed Ray's core worker ("Tried to complete task that was not pending").
+        for future in futures:
+            yield self._get(stage, future)
 
     def map_parts(self, stage: str, worker_class: type, args: tuple[Any, ...], parts: Sequence[Any]
                   ) -> Iterator[Any]:
