@@ -163,9 +163,9 @@ def cross_fit(
         units.append((k, valid_rows, fit_rows, saved))
     shared = _Folds(make, x, y, groups, watch_fraction, seed, test_rows)
     fits = engine.map("train", _fit_fold, units, shared)
-    for (k, valid_rows, _), fitted in tqdm(zip(plan, fits, strict=True), total=len(plan), desc="folds",
-                                               disable=not progress):
-        for name, data in fitted.files.items():
+    for (k, valid_rows, _), unit, fitted in tqdm(zip(plan, units, fits, strict=True), total=len(plan),
+                                                 desc="folds", disable=not progress):
+        for name, data in fitted.files.items() if unit[3] is None else ():  # a resumed fold's files stay as they are
             atomic_write(model_dir / name, lambda tmp, data=data: tmp.write_bytes(data))
         for name, gain in fitted.importance.items():
             importance[name] = importance.get(name, 0.0) + gain / len(plan)
