@@ -102,7 +102,9 @@ def test_killed_train_resumes_at_the_first_missing_fold(trained: Path, tmp_path:
     fold0 = list(models.glob("*/finetune_fold0.safetensors"))
     assert fold0, "train never saved fold 0"
     kill9(proc)
-    assert not (tmp_path / "store" / "oof__finetune.parquet").exists() or proc.returncode != 0
+    # Killed mid-train: the learner's table was not committed (the file, its manifest row) though fold 0 was saved.
+    assert proc.returncode == -9 and not (tmp_path / "store" / "tables" / "oof__finetune.parquet").exists()
+    assert FeatureStore(tmp_path / "store", create=False).info("oof__finetune") is None
     before = os.stat(fold0[0])
     result = _cli("train", *_store_args(tmp_path), "-q")
     assert result.returncode == 0, result.stderr

@@ -35,5 +35,20 @@ def test_a_blend_of_more_learners_fits_at_least_as_well_as_a_blend_of_fewer(conv
     subset = BlendMeta(params, 4, 0).fit(x[:, :4], y)
     superset = BlendMeta(params, 7, 0).fit(x, y)
     assert _fitted_loss(superset, x, y) <= _fitted_loss(subset, x[:, :4], y) + 1e-7
-    if not convex:  # the non-negative weights and the intercept reproduce the raw-column prediction
-        assert np.allclose(superset.predict(x), x @ superset.weights + superset.intercept)
+    assert (superset.weights >= 0).all()  # blend weights are bounded (non-negative) or softmax (convex)
+    if convex:
+        assert superset.weights.sum() == pytest.approx(1.0) and superset.intercept == 0.0
+
+
+class _Uncentred(BlendMeta):
+    centre_columns = False
+
+
+def test_the_stalled_blend_is_still_caught() -> None:
+    """Control: the fit as it was before centring (raw columns) stalls on the same data, and the check above
+    would catch it: its superset fits worse than its subset."""
+    x, y = _correlated_predictions(7)
+    params = {"delta": 0.05, "convex": False}
+    subset = _Uncentred(params, 4, 0).fit(x[:, :4], y)
+    superset = _Uncentred(params, 7, 0).fit(x, y)
+    assert _fitted_loss(superset, x, y) > _fitted_loss(subset, x[:, :4], y) + 1e-7
