@@ -256,7 +256,11 @@ class ImageEmbeddingBuilder(FeatureBuilder):
         batch_size = 1 if ctx.parent is not None else icfg.batch_size
         # Paths relative to the store resolve against it on the worker: a multi-node cluster needs the store and
         # the image folder on a filesystem every node mounts at the same path (README, "On a cluster").
-        encoder = (ImageEncoder, (self.config.images, str(ctx.store.root), batch_size))
+        # What the worker's encoder reads, its device resolved here, not on the worker (see the text builder).
+        unit = ImageConfig(**{k: getattr(icfg, k) for k in ("encoder", "model", "pretrained", "max_file_bytes",
+                                                             "max_pixels")},
+                           device=resolve_device(icfg.device, "images.device"))
+        encoder = (ImageEncoder, (unit, str(ctx.store.root), batch_size))
         scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
         table, run = run_in_parts(files, icfg.batch_size * 8, scratch, ctx.engine, "embed", encoder, self.table,
                                   ctx.progress)

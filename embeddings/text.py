@@ -7,6 +7,7 @@ embeddings are mean-pooled and re-normalised.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,11 @@ class TextEmbeddingBuilder(FeatureBuilder):
         # batch-mates (dynamic quantisation scales over the whole batch tensor; padding changes GEMM shapes), so a
         # row's price would move with the other rows of the input file. Training stores keep full batches.
         batch_size = 1 if ctx.parent is not None else tcfg.batch_size
-        encoder = (TextEncoder, (self.model_name, tcfg, batch_size))
+        # Device and backend are resolved here, where the fingerprint hashed them, not on the worker: a worker
+        # without a GPU (engine.embed.num_gpus = 0 on a GPU cluster) must fail loudly, not make CPU vectors under a
+        # GPU fingerprint.
+        resolved = dataclasses.replace(tcfg, device=resolve_device(tcfg.device), backend=backend_of(tcfg))
+        encoder = (TextEncoder, (self.model_name, resolved, batch_size))
         scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
         run: dict[str, Any] = {}
         if rows.height:
