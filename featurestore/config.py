@@ -7,6 +7,7 @@ in step). A user file only needs the keys it changes; CLI flags override both.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import tomllib
 import typing
 from collections.abc import Callable
@@ -398,6 +399,17 @@ def _items(cls: type, value: Any, where: str) -> list[Any]:
 # section against its learner's settings): this module cannot import the learners, yet a bad learner key must still
 # fail at load, before anything runs.
 SECTION_CHECKS: list[Callable[[Config], None]] = []
+
+
+def import_plugins(modules: list[str], setting: str, example: str) -> None:
+    """Import the plug-in modules a setting names (each registers its classes); one that does not import is a
+    ConfigError naming the setting."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"{setting}: cannot import {module!r} ({exc}); give an import path such as "
+                              f"{example!r}") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

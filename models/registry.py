@@ -15,7 +15,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from featurestore.config import SECTION_CHECKS, Config, apply_settings
+from featurestore.config import SECTION_CHECKS, Config, apply_settings, import_plugins
 from featurestore.errors import ConfigError
 from models.base import BaseLearner, LearnerSettings
 
@@ -72,12 +72,7 @@ SECTION_CHECKS.append(check_sections)
 def load_plugins(config: Config) -> None:
     """Import `models.plugins`, register the variants (`[models.<name>] learner = "<base>"`), and check that every
     other plug-in `[models.<name>]` section names a learner."""
-    for module in config.models.plugins:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise ConfigError(f"models.plugins: cannot import {module!r} ({exc}); give an import path such as "
-                              "'my_package.my_learner'") from exc
+    import_plugins(config.models.plugins, "models.plugins", "my_package.my_learner")
     # Variants are checked in dependency order, not section order: `[models.b] learner = "a"` may come before
     # `[models.a] learner = "lgbm"` in the file (that order used to be refused as "no learner of that name").
     pending = {name: raw[VARIANT_KEY] for name, raw in config.models.sections.items() if VARIANT_KEY in raw}

@@ -7,7 +7,6 @@ without anyone listing it."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from features.ingest import ItemsBuilder
 from features.target_encoding import TargetEncodingBuilder
 from features.text_sparse import TextSparseBuilder
 from featurestore.builders import FeatureBuilder, stale_tables
-from featurestore.config import SECTION_CHECKS, Config, DataConfig, apply_settings, edited
+from featurestore.config import SECTION_CHECKS, Config, DataConfig, apply_settings, edited, import_plugins
 from featurestore.errors import ConfigError, StaleTable
 from featurestore.names import IMAGE_EMB_PREFIX, image_emb_table
 from featurestore.store import FeatureStore, file_sha256
@@ -110,12 +109,7 @@ def register_builder(cls: type[FeatureBuilder]) -> type[FeatureBuilder]:
 
 def load_builder_plugins(config: Config) -> None:
     """Import `features.plugins` (each registers its builders)."""
-    for module in config.features.plugins:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise ConfigError(f"features.plugins: cannot import {module!r} ({exc}); give an import path such as "
-                              "'my_package.my_builder'") from exc
+    import_plugins(config.features.plugins, "features.plugins", "my_package.my_builder")
 
 
 def check_builder_sections(config: Config) -> None:

@@ -23,6 +23,7 @@ from pipeline.registry import builders_for
 from pipeline.run import train_and_stack
 from tests.conftest import ROOT, SAMPLE
 from tests.engine_units import open_store, raise_input_error
+from tests.test_errors import CONFIG
 
 ray = pytest.importorskip("ray")
 
@@ -107,24 +108,10 @@ def test_a_units_error_arrives_as_itself_and_workers_never_open_the_store(cluste
         list(engines[1].map("knn", open_store, [0], str(tmp_path)))
 
 
-CLI_CONFIG = """
-builders = ["items", "folds", "catalog"]
-[catalog]
-use_spacy = false
-[folds]
-k = 3
-price_bands = 3
-[models]
-learners = ["killing"]
-plugins = ["tests.broken_learner"]
-threads = 1
-[models.killing]
-kill_marker = "{marker}"
-[stacking]
-raw_features = []
-[engine]
-retries = {retries}
-"""
+# tests/test_errors.py's config, with the learner that kills its worker and a retry count.
+CLI_CONFIG = (CONFIG.replace('learners = ["broken", "refusing"]', 'learners = ["killing"]')
+              + '[models.killing]\nkill_marker = "{marker}"\n[stacking]\nraw_features = []\n'
+              + '[engine]\nretries = {retries}\n')
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
