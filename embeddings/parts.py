@@ -47,16 +47,19 @@ def run_in_parts(
     paths = [scratch / f"part-{index:05d}.parquet" for index in range(n_parts)]
     todo = [index for index in range(n_parts) if not paths[index].is_file()]
     facts_path = scratch / "run.json"
+    # Parts computed now stay in memory; only the parts an earlier run left are read back.
+    frames = {index: pl.read_parquet(paths[index]) for index in range(n_parts) if index not in todo}
     with tqdm(total=rows.height, desc=desc, disable=not progress, unit="row") as bar:
-        bar.update(rows.height - sum(min(part_size, rows.height - index * part_size) for index in todo))
+        bar.update(sum(frame.height for frame in frames.values()))
         chunks = [rows.slice(index * part_size, part_size) for index in todo]
         for index, (frame, facts) in zip(todo, engine.map_parts(stage, worker[0], worker[1], chunks), strict=True):
             atomic_write_parquet(frame, paths[index])
             if not facts_path.is_file():
                 atomic_write_text(facts_path, json.dumps(facts))
+            frames[index] = frame
             bar.update(frame.height)
     facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
-    return pl.concat([pl.read_parquet(path) for path in paths]), facts
+    return pl.concat([frames[index] for index in range(n_parts)]), facts
 
 
 def reuse_key(builder: object, params: dict[str, Any]) -> str:

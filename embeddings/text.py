@@ -177,8 +177,8 @@ class TextEmbeddingBuilder(FeatureBuilder):
         if out["embedding"].null_count():
             raise RuntimeError(f"{self.table}: {out['embedding'].null_count()} rows got no embedding")
         return Built(out, {"dim": out.schema["embedding"].size,
-                           "device": resolve_device(self.config.text_embeddings.device),
-                           "backend": resolve_backend(self.config),
+                           "device": resolved.device,
+                           "backend": resolved.backend,
                            # <weights>-<export key>/<file> in the cache: which export made these vectors.
                            "onnx_export": run.get("onnx_export", ""),
                            "engine": ctx.engine.record("embed"),

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
+from threadpoolctl import threadpool_limits
 
 from featurestore.config import EngineConfig
 from featurestore.engine import _IN_WORKER, Engine, _run_unit, check_stage, stage_resources
@@ -50,8 +51,6 @@ class _PartWorker:
             self.error = exc
 
     def run(self, part: Any) -> tuple[str, Any]:
-        from threadpoolctl import threadpool_limits
-
         if self.error is not None:
             raise self.error
         with threadpool_limits(limits=self.threads):

@@ -145,7 +145,7 @@ def cross_fit(
     is_test = fold < 0
     y = np.where(is_test, np.nan, to_target(np.nan_to_num(price, nan=1.0), target))
     weights = task_metric.fit_weights(np.nan_to_num(price, nan=1.0))
-    if weights is not None and make(0).supports_weights:
+    if weights is not None and make.cls.supports_weights:
         x = replace(x, weight=np.where(is_test, 0.0, weights))
     plan = list(fold_plan(fold))
     oof = np.full(len(fold), np.nan)
@@ -155,9 +155,9 @@ def cross_fit(
     importance: dict[str, float] = {}
     units = []
     for k, valid_rows, fit_rows in plan:
-        path = model_dir / make(k).file_pattern.format(fold=k)
+        path = model_dir / make.cls.file_pattern.format(fold=k)
         # A fold saved (atomically) by an interrupted run of this same build: same inputs, same code.
-        saved = {path.name: path.read_bytes()} if make(k).resumes_folds and path.is_file() else None
+        saved = {path.name: path.read_bytes()} if make.cls.resumes_folds and path.is_file() else None
         if saved is not None:
             log.info("fold %d: resumed from %s", k, path.name)
         units.append((k, valid_rows, fit_rows, saved))

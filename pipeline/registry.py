@@ -116,10 +116,7 @@ def check_builder_sections(config: Config) -> None:
     """At load: plug-ins imported, every `builders` name registered, every `[features.<name>]` section a
     registered builder's own settings (unknown keys, types, bounds refused)."""
     load_builder_plugins(config)
-    unknown = [n for n in config.builders if n not in REGISTRY]
-    if unknown:
-        raise ConfigError(f"builders: unknown feature builder(s) {unknown}; known: {sorted(REGISTRY)} (a plug-in's "
-                          "module goes in features.plugins)")
+    _require_registered(config.builders, "builders: ")
     for name, raw in config.features.sections.items():
         cls = getattr(REGISTRY.get(name), "builder_class", None)
         if cls is None or cls.settings_type is None:
@@ -133,11 +130,16 @@ def check_builder_sections(config: Config) -> None:
 SECTION_CHECKS.append(check_builder_sections)
 
 
-def builders_for(config: Config, names: list[str] | None = None) -> list[FeatureBuilder]:
-    names = names if names is not None else config.builders
+def _require_registered(names: list[str], where: str = "") -> None:
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
-        raise ConfigError(f"unknown feature builder(s) {unknown}; known: {sorted(REGISTRY)}")
+        raise ConfigError(f"{where}unknown feature builder(s) {unknown}; known: {sorted(REGISTRY)} (a plug-in's "
+                          "module goes in features.plugins)")
+
+
+def builders_for(config: Config, names: list[str] | None = None) -> list[FeatureBuilder]:
+    names = names if names is not None else config.builders
+    _require_registered(names)
     builders: list[FeatureBuilder] = []
     for name in names:
         builders += REGISTRY[name](config)

@@ -22,7 +22,6 @@ candidate's scores are stored with its trial, so a rerun after a crash evaluates
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ import numpy as np
 import optuna
 from threadpoolctl import threadpool_limits
 
-from featurestore.config import Config
+from featurestore.config import Config, import_plugins
 from featurestore.engine import Engine
 from featurestore.errors import ConfigError
 from featurestore.folds import n_folds
@@ -114,8 +113,7 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(inputs: StackInputs, seed: int, plugins: tuple[str, ...] = ()) -> None:
     # A spawned worker starts with a fresh registry: plug-in metas (models.plugins) must register here too.
-    for module in plugins:
-        importlib.import_module(module)
+    import_plugins(list(plugins), "models.plugins", "my_package.my_meta")
     # One thread per worker for the BLAS/OpenMP pools too (numpy's OpenBLAS starts one thread per core in each
     # spawned worker): with `workers` processes on as many cores, any more only thrash. Measured on Mercari,
     # 30 candidates: 2 workers took 33.4 s without this limit, as long as 1 worker (31.7 s).
@@ -130,8 +128,7 @@ def _evaluate_chunk(shared: tuple[StackInputs, int, tuple[str, ...]], chunk: lis
                     ) -> list[Scores]:
     """The stack stage's unit on an engine: a chunk of candidates, one BLAS thread (as the process pool's)."""
     inputs, seed, plugins = shared
-    for module in plugins:
-        importlib.import_module(module)
+    import_plugins(list(plugins), "models.plugins", "my_package.my_meta")  # a fresh worker's registry, as above
     with threadpool_limits(limits=META_THREADS):
         return [evaluate(c, inputs, seed) for c in chunk]
 
