@@ -214,6 +214,7 @@ def _stack_summary(record: StackRecord) -> None:
         typer.echo(f"{name:<14} {value:>9.2f}")
     typer.echo(f"{'mean blend':<14} {record.mean_blend_cv:>9.2f}")
     typer.echo(f"{'best single':<14} {record.best_single_cv:>9.2f}")
+    typer.echo(f"{'best constant':<14} {record.best_constant_cv:>9.2f}")
     nested = "nested CV" if record.nested else "not nested: optimistic"
     typer.echo(f"{'stack':<14} {record.stack_cv:>9.2f}  ({record.best_meta} chosen of "
                f"{record.candidates} candidates, {nested}; {record.stack_seconds:.1f}s, "

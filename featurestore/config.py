@@ -249,8 +249,8 @@ class FeaturesConfig(Section):
 
 @dataclass
 class StackingConfig(Section):
-    # Meta-learners the Optuna study chooses from (names from stacking.meta).
-    # "mean" (plain mean) and "single" (best single learner) are always candidates besides these.
+    # Meta-learners the Optuna study chooses from (names from stacking.meta). "mean" (plain mean), "single"
+    # (best single learner) and "constant" (the metric's best constant) are always candidates besides these.
     metas: list[str] = field(default_factory=lambda: ["blend", "ridge", "lgbm"])
     trials: int = 50  # candidates evaluated; `stack --trials N` overrides
     seed: int = 42
@@ -259,6 +259,12 @@ class StackingConfig(Section):
                                                              "catalog.text_chars"])
     # Honest score: each outer fold's meta-learner is tuned and fitted without that fold's rows.
     nested: bool = True
+    # How a CV picks among candidates (each outer fold's inner CV, and the final choice):
+    # "within_se": the simplest candidate (stacking.meta complexity: constant < mean < blend/ridge/single < lgbm)
+    #   whose fold-by-fold difference to the lowest-scoring one is within `selection_se` standard errors of 0;
+    # "lowest": the lowest score. Why the default: stacking/levels.py.
+    selection: str = choice("within_se", "lowest")
+    selection_se: float = at_least(2.0, 0.0)
     submission: str = "submission.csv"  # written in the store folder
 
 

@@ -4,9 +4,10 @@ Each has an Optuna search space (`suggest`, its parameters prefixed by its name)
 milliseconds (the stack fits each candidate 15 times), and saves itself as JSON (the LightGBM one embeds
 LightGBM's own text model format), so a stored stack is never unpickled.
 
-`mean` (the plain mean of the base predictions) and `single` (the base learner with the lowest SMAPE on the fit
-rows) have no parameters: they are always candidates, so the nested CV can choose them when a fitted meta
-overfits, and the stack is never worse than them by more than the noise of that choice.
+`mean` (the plain mean of the base predictions), `single` (the base learner with the best score on the fit rows)
+and `constant` (the metric's best constant on the fit rows) have no parameters: they are always candidates, so
+the nested CV can choose them when a fitted meta overfits, and the selection rule (stacking.selection) prefers
+them when a fitted meta is not clearly better.
 
 Predictions are computed row by row (elementwise products summed per row, not BLAS matvec, whose blocking depends
 on the row count): a row's prediction must not depend on its batch-mates, so `predict` on a few rows equals the
@@ -23,7 +24,7 @@ import optuna
 
 from featurestore.errors import ConfigError
 from models.base import NotFittedError
-from models.metrics import metric
+from models.metrics import best_constant, metric
 
 
 class MetaLearner(ABC):
@@ -39,6 +40,9 @@ class MetaLearner(ABC):
     # Always a candidate, whatever stacking.metas says (no parameters; candidates 0, 1, ... in registration
     # order): the simple candidates a fitted meta must beat.
     baseline: ClassVar[bool] = False
+    # Rank for the selection rule's "simpler" (stacking.selection = "one_se"): among candidates within one
+    # standard error of the best, the lowest complexity wins. Data-free, so the rule stays out of fold.
+    complexity: ClassVar[int] = 2
 
     def __init__(self, params: dict[str, Any], n_base: int, seed: int, threads: int = 1, metric: str = "smape"
                  ) -> None:
@@ -138,6 +142,7 @@ class MeanMeta(MetaLearner):
 
     name = "mean"
     baseline = True
+    complexity = 1
 
     def _fit(self, x: np.ndarray, y: np.ndarray, valid: list[tuple[np.ndarray, np.ndarray]] | None = None
             ) -> MetaLearner:
@@ -159,6 +164,7 @@ class SingleMeta(MetaLearner):
 
     name = "single"
     baseline = True
+    # A choice fitted on the rows (one of n learners), unlike the mean: as complex as a blend's weights.
 
     def _fit(self, x: np.ndarray, y: np.ndarray, valid: list[tuple[np.ndarray, np.ndarray]] | None = None
             ) -> MetaLearner:
@@ -176,6 +182,30 @@ class SingleMeta(MetaLearner):
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self.column_ = int(state["column"])
+
+
+@register_meta
+class ConstantMeta(MetaLearner):
+    """The metric's best constant on the fit rows (models.metrics.best_constant): the floor every stack must beat
+    (under MAPE the 1/y-weighted median, which beat every learner on the 2023 length task)."""
+
+    name = "constant"
+    baseline = True
+    complexity = 0
+
+    def _fit(self, x: np.ndarray, y: np.ndarray, valid: list[tuple[np.ndarray, np.ndarray]] | None = None
+            ) -> MetaLearner:
+        self.value_ = float(np.log1p(best_constant(self.metric, np.expm1(y))))
+        return self
+
+    def _predict(self, x: np.ndarray, at: int | None = None) -> np.ndarray:
+        return np.full(len(x), self.value_)
+
+    def _state(self) -> dict[str, Any]:
+        return {"value": self.value_}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.value_ = float(state["value"])
 
 
 # The built-in fitted metas register themselves (a plug-in meta is a module named in models.plugins).

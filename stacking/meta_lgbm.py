@@ -18,6 +18,7 @@ class LightGBMMeta(MetaLearner):
     (one fit per fold instead of one per round count)."""
 
     name = "lgbm"
+    complexity = 3
     candidate_weight = 1
     curve_param = "rounds"
     max_rounds = 150

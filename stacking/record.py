@@ -26,6 +26,9 @@ class StackRecord:
     base_cv: dict[str, float]  # each base learner's out-of-fold score
     best_single_cv: float
     mean_blend_cv: float
+    best_constant_cv: float  # the metric's best constant, fitted without each fold (the constant candidate)
+    selection: str  # stacking.selection: how each CV picked its candidate
+    selection_se: float
     outer_folds: dict[Any, dict[str, Any]]  # outer fold -> the candidate it chose, its inner CV
     meta_features: list[str]
     train_rows: int

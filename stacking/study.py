@@ -59,6 +59,9 @@ class Scores:
     inner: dict[int, float]  # outer fold k -> the task's metric on its inner CV (rows outside fold k)
     final: float  # the task's metric on the CV over all training rows
     at: dict[str, int | None]  # curve parameter (LightGBM rounds) per outer fold ("k") and for "final"
+    # The same CVs fold by fold (what the selection rule reads for its standard errors): outer fold k -> inner
+    # fold j -> score on fold j's rows; "final" -> fold a -> score on fold a's rows.
+    folds: dict[str, dict[int, float]]
 
 
 def fit_candidate(c: Candidate, inputs: StackInputs, rows: np.ndarray, seed: int,
@@ -93,19 +96,22 @@ def evaluate(c: Candidate, inputs: StackInputs, seed: int) -> Scores:
         pairs[(a, b)] = pairs[(b, a)] = fit_candidate(c, inputs, fit_rows, seed, valid)
     at: dict[str, int | None] = {}
     inner: dict[int, float] = {}
+    per_fold: dict[str, dict[int, float]] = {}
     for k in folds:
         others = [j for j in folds if j != k]
         if curved:  # pair (k, j) recorded fold j's curve as valid set 0 or 1 depending on the order of (a, b)
             curves = [pairs[(k, j)].curves_[1 if k < j else 0] for j in others]
             at[str(k)] = _best_round(curves, [len(rows_of[j]) for j in others])
-        pred = np.concatenate([pairs[(k, j)].predict(inputs.x[rows_of[j]], at.get(str(k))) for j in others])
-        truth = np.concatenate([inputs.price[rows_of[j]] for j in others])
-        inner[k] = score(truth, np.expm1(pred))
+        preds = [pairs[(k, j)].predict(inputs.x[rows_of[j]], at.get(str(k))) for j in others]
+        truth = [inputs.price[rows_of[j]] for j in others]
+        inner[k] = score(np.concatenate(truth), np.expm1(np.concatenate(preds)))
+        per_fold[str(k)] = {j: score(t, np.expm1(p)) for j, t, p in zip(others, truth, preds, strict=True)}
     if curved:
         at["final"] = _best_round([singles[a].curves_[0] for a in folds], [len(rows_of[a]) for a in folds])
-    pred = np.concatenate([singles[a].predict(inputs.x[rows_of[a]], at.get("final")) for a in folds])
-    truth = np.concatenate([inputs.price[rows_of[a]] for a in folds])
-    return Scores(inner, score(truth, np.expm1(pred)), at)
+    preds = [singles[a].predict(inputs.x[rows_of[a]], at.get("final")) for a in folds]
+    truth = [inputs.price[rows_of[a]] for a in folds]
+    per_fold["final"] = {a: score(t, np.expm1(p)) for a, t, p in zip(folds, truth, preds, strict=True)}
+    return Scores(inner, score(np.concatenate(truth), np.expm1(np.concatenate(preds))), at, per_fold)
 
 
 _WORKER: dict[str, Any] = {}
@@ -191,7 +197,10 @@ def run_study(study_name: str, inputs: StackInputs, config: Config, trials: int,
                             trial.user_attrs.get("candidate"))
                 continue
             raw = trial.user_attrs["scores"]
-            scores = Scores({int(k): v for k, v in raw["inner"].items()}, raw["final"], raw["at"])
+            if "folds" not in raw:  # recorded before fold-by-fold scores were kept: evaluated again
+                continue
+            scores = Scores({int(k): v for k, v in raw["inner"].items()}, raw["final"], raw["at"],
+                            {key: {int(j): v for j, v in by_fold.items()} for key, by_fold in raw["folds"].items()})
             done[int(trial.user_attrs["candidate"])] = (_params_of(trial), scores)
         elif trial.state == optuna.trial.TrialState.RUNNING:  # left by a crashed run: its candidate is redone
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -221,7 +230,8 @@ def run_study(study_name: str, inputs: StackInputs, config: Config, trials: int,
 def _tell_all(study: optuna.Study, proposed: list[tuple[optuna.Trial, Candidate]], results: Iterator[Scores],
               done: dict[int, tuple[Candidate, Scores]]) -> None:
     for (trial, candidate), scores in zip(proposed, results, strict=True):
-        record = {"inner": {str(k): v for k, v in scores.inner.items()}, "final": scores.final, "at": scores.at}
+        record = {"inner": {str(k): v for k, v in scores.inner.items()}, "final": scores.final, "at": scores.at,
+                  "folds": {key: {str(j): v for j, v in by_fold.items()} for key, by_fold in scores.folds.items()}}
         trial.set_user_attr("scores", record)
         trial.set_user_attr("checksum", _checksum({"scores": record, "candidate": candidate.index,
                                                    "meta": candidate.meta}, trial.params))
