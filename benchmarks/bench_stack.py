@@ -12,7 +12,7 @@ project's newer scikit-learn/scipy, so it runs in its own environment:
     python3 benchmarks/bench_stack.py --trials 200 --autogluon-python /tmp/agvenv/bin/python \
         [--amazon-from store]   # copy feature tables of an existing default-config store (skips re-embedding)
 
-Results: benchmarks/results/stack.json
+Results: benchmarks/results/stack.json (an entry per corpus; `--only` replaces that corpus's entry alone).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.facts import run_facts  # noqa: E402
 from featurestore.config import load_config  # noqa: E402
+from featurestore.devices import threads  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
 from models.matrix import load_frame  # noqa: E402
 from models.registry import learner_settings  # noqa: E402
@@ -116,30 +118,23 @@ def autogluon(python: str, store_dir: Path, config_path: Path, budget_s: float) 
 
 
 def corpus(name: str, config_path: Path, store_dir: Path, trials: int, ag_python: str | None,
-           copy_from: Path | None, earlier: dict | None = None) -> dict:
-    """`earlier` (--stack-only): this benchmark's previous result for the corpus, whose trained learners are
-    still in `store_dir`; their figures are carried over, configured learners without figures (added since) are
-    trained, and `stack` and the kill -9 check run again."""
+           copy_from: Path | None) -> dict:
     common = ["--config", str(config_path), "--store", str(store_dir)]
     config = load_config(config_path, {"store.dir": str(store_dir)})
-    if earlier is not None:
-        learners = {k: v for k, v in earlier["base_learners"].items() if k in config.models.learners}
-        for learner in config.models.learners:
-            if learner not in learners:
-                learners[learner] = train_learner(common, store_dir, learner)
-                print(name, learner, learners[learner], flush=True)
-        return stack_part(name, config_path, store_dir, trials, learners, earlier)
+    facts = run_facts({"every command": f"models.threads = {config.models.threads} -> {threads(config)} threads"},
+                      "python3 benchmarks/bench_stack.py " + " ".join(sys.argv[1:]))
     if copy_from is not None:
         shutil.rmtree(store_dir, ignore_errors=True)
         shutil.copytree(copy_from, store_dir)
         FeatureStore(store_dir).refresh_views()
-    features_s = cli("build-features", *common)
+    features_s, features_peak = timed_cli("build-features", *common)
     reset_models(store_dir)
     learners: dict[str, dict] = {}
     for learner in config.models.learners:
         learners[learner] = train_learner(common, store_dir, learner)
         print(name, learner, learners[learner], flush=True)
-    out = stack_part(name, config_path, store_dir, trials, learners, {"build_features_seconds": features_s})
+    out = {**facts, **stack_part(name, config_path, store_dir, trials, learners,
+                                 {"build_features_seconds": features_s, "build_features_peak_rss_mib": features_peak})}
     if ag_python:
         out["autogluon"] = autogluon(ag_python, store_dir, config_path, out["stack_wall_seconds_learners_trained"])
         print(name, "autogluon", json.dumps(out["autogluon"]), flush=True)
@@ -159,17 +154,22 @@ def stack_part(name: str, config_path: Path, store_dir: Path, trials: int, learn
     stack_s, stack_peak = timed_cli("stack", *common, "--trials", str(trials))
     record = json.loads(sorted((store_dir / "runs").glob("stack-*.json"))[-1].read_text())
     out = {"config": str(config_path.relative_to(ROOT)), "train_rows": record["train_rows"],
-           "test_rows": record["test_rows"], "trials": trials, "threads": os.cpu_count(),
-           "stack_workers": record["workers"], "build_features_seconds": earlier.get("build_features_seconds"),
+           "test_rows": record["test_rows"], "trials": trials, "stack_workers": record["workers"],
+           "build_features_seconds": earlier["build_features_seconds"],
+           "build_features_peak_rss_mib": earlier["build_features_peak_rss_mib"],
            "base_learners": learners, "base_learners_train_wall_seconds": base_wall,
            "stack_wall_seconds_learners_trained": stack_s, "stack_peak_rss_mib": stack_peak,
            "stack_over_base_wall": round(stack_s / base_wall, 3),
            "stack_seconds_in_study": record["stack_seconds"], "candidates": record["candidates"],
            "base_cv_smape": record["base_cv"], "mean_blend_cv_smape": record["mean_blend_cv"],
-           "best_single_cv_smape": record["best_single_cv"], "stack_cv_smape": record["stack_cv"],
+           "best_single_cv_smape": record["best_single_cv"], "best_constant_cv_smape": record["best_constant_cv"],
+           "stack_cv_smape": record["stack_cv"], "selection": [record["selection"], record["selection_se"]],
+           "stack_not_worse_than_best_single": record["stack_cv"] <= record["best_single_cv"],
+           "stack_not_worse_than_best_constant": record["stack_cv"] <= record["best_constant_cv"],
            "stack_final_choice_cv_smape": record["final_cv"], "stack_meta": record["best_meta"],
            "stack_params": record["best_params"], "nested": record["nested"],
-           "outer_fold_choices": {k: v["meta"] for k, v in record["outer_folds"].items()}}
+           "outer_fold_choices": {k: v["meta"] for k, v in record["outer_folds"].items()},
+           "outer_fold_lowest_inner_cv": {k: v["lowest_inner_cv_meta"] for k, v in record["outer_folds"].items()}}
     print(name, json.dumps(out), flush=True)
     out["kill_9_resume"] = kill_and_resume(common, trials, store_dir, kill_after=max(2, trials // 3))
     print(name, "kill -9", json.dumps(out["kill_9_resume"]), flush=True)
@@ -183,26 +183,18 @@ def main() -> None:
     parser.add_argument("--amazon-from", type=Path, default=None, help="existing default-config store to copy")
     parser.add_argument("--only", choices=["mercari", "amazon"], default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stack.json")
-    parser.add_argument("--stack-only", action="store_true",
-                        help="reuse the learners this benchmark trained last time (its stores and results); train "
-                             "only configured learners it has no figures for, rerun `stack` and the kill -9 check")
     args = parser.parse_args()
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results["cpus"] = os.cpu_count()
-    results["measured_on"] = "otherwise idle machine; every command at its default threads (all cores)"
-    for key in ("mercari", "amazon_632"):  # AutoGluon figures of an earlier run stay, labelled as such
-        if key in results and "autogluon" in results[key] and not args.autogluon_python:
-            results.setdefault("autogluon_earlier_run", {})[key] = results[key]["autogluon"]
+    # Entries of other corpora stay (each is its own run, with its own facts); the one measured here is replaced.
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results = {k: v for k, v in earlier.items() if k in ("mercari", "amazon_632")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "mercari"):
         results["mercari"] = corpus("mercari", ROOT / "configs/mercari.toml", STORES / "mercari", args.trials,
-                                    args.autogluon_python, None,
-                                    results.get("mercari") if args.stack_only else None)
+                                    args.autogluon_python, None)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     if args.only in (None, "amazon"):
         results["amazon_632"] = corpus("amazon", ROOT / "configs/default.toml", STORES / "amazon", args.trials,
-                                       args.autogluon_python, args.amazon_from,
-                                       results.get("amazon_632") if args.stack_only else None)
+                                       args.autogluon_python, args.amazon_from)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 
