@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,11 +15,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import click
 import typer
 
-from featurestore.builders import BuildContext, run_builders
-from featurestore.config import Config, load_config
+from featurestore.builders import BuildResult
 from featurestore.errors import UserError
-from featurestore.lock import writer_lock
-from featurestore.store import FeatureStore
+from pipeline.context import Context
 
 if TYPE_CHECKING:
     from stacking.record import StackRecord
@@ -29,7 +25,6 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Feature store + boosting/stacking service for catalog price prediction.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
-DEFAULT_CONFIG = Path("configs/default.toml")
 # Errors that mean bad input, settings or store state rather than a bug here: one red line, exit 1. Our own code
 # raises UserError subclasses (featurestore.errors) for those; OSError is the machine's (disk full, permissions, a
 # path the user gave); the libraries below raise their own classes for bad input (a query error, bad LightGBM
@@ -63,41 +58,15 @@ def _options(debug: Annotated[bool, typer.Option("--debug", help="show traceback
     _debug = debug
 
 
-def _config(config_path: Path | None, overrides: dict[str, Any], quiet: bool, learners: bool = True) -> Config:
-    """The config, validated at load. `learners`: check every `[models.<name>]` section too (the commands that
-    train or predict; it imports the learner modules, ~3 s, which `tables` and `sql` do not need)."""
+def _context(config_path: Path | None, overrides: dict[str, Any], quiet: bool, learners: bool = True) -> Context:
+    """The command's Context (pipeline.context): the config validated at load; `learners`: check every
+    `[models.<name>]` section too (the commands that train or predict)."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
-    if config_path is None and DEFAULT_CONFIG.is_file():
-        config_path = DEFAULT_CONFIG
-    if learners:
-        import models.registry  # noqa: F401  registers the check of every [models.<name>] section, run at load
-        import pipeline.registry  # noqa: F401  and of `builders` and every [features.<name>] section
-
-    return load_config(config_path, overrides)
+    return Context(config_path, overrides, progress=not quiet, learners=learners)
 
 
-def _setup(config_path: Path | None, overrides: dict[str, Any], quiet: bool) -> tuple[Config, FeatureStore]:
-    """Config + the store, opened for a command that only reads it: a missing store is an error, not made."""
-    config = _config(config_path, overrides, quiet, learners=False)
-    return config, FeatureStore(config.store.dir, create=False)
-
-
-@contextmanager
-def _writing(config_path: Path | None, overrides: dict[str, Any], quiet: bool, command: str
-             ) -> Iterator[tuple[Config, FeatureStore]]:
-    """Config + the store (made when missing), holding the store's writer lock for the whole command."""
-    config = _config(config_path, overrides, quiet)
-    root = Path(config.store.dir)
-    with writer_lock(root.resolve(), command):
-        yield config, FeatureStore(root)
-
-
-def _run(config: Config, store: FeatureStore, names: list[str] | None, force: bool, quiet: bool) -> None:
-    from pipeline.registry import builders_for
-
-    builders = builders_for(config, names)
-    results = run_builders(BuildContext(store=store, config=config, progress=not quiet), builders, force=force)
+def _print_builds(results: list[BuildResult]) -> None:
     for result in results:
         typer.echo(f"{result.table:<28} {result.status:<7} {result.rows:>8} rows  {result.seconds:7.1f}s")
 
@@ -116,8 +85,7 @@ def _out_path(out: Path, force: bool) -> None:
 def ingest(config: ConfigOpt = None, store: StoreOpt = None, train: TrainOpt = None, test: TestOpt = None,
            force: bool = False, quiet: QuietOpt = False) -> None:
     """Validate the raw train/test files and write the `items` table."""
-    with _writing(config, {"store.dir": store, "data.train": train, "data.test": test}, quiet, "ingest") as (cfg, fs):
-        _run(cfg, fs, ["items"], force, quiet)
+    _print_builds(_context(config, {"store.dir": store, "data.train": train, "data.test": test}, quiet).ingest(force))
 
 
 @app.command("build-features")
@@ -133,9 +101,9 @@ def build_features(
     """Ingest, then build every feature table in `builders` (each skipped when up to date)."""
     overrides = {"store.dir": store, "data.train": train, "data.test": test, "engine.kind": engine,
                  "engine.address": address}
-    with _writing(config, overrides, quiet, "build-features") as (cfg, fs):
-        _run(cfg, fs, only, force, quiet)
-    typer.echo(f"store: {fs.root}  (SQL: python cli.py sql \"SELECT * FROM catalog LIMIT 5\")")
+    ctx = _context(config, overrides, quiet)
+    _print_builds(ctx.build_features(only, force))
+    typer.echo(f"store: {ctx.root}  (SQL: python cli.py sql \"SELECT * FROM catalog LIMIT 5\")")
 
 
 @app.command("download-images")
@@ -144,22 +112,16 @@ def download_images(config: ConfigOpt = None, store: StoreOpt = None, train: Tra
     """Fetch every item's image (threads, per-host limits, retries, size cap) and record `image_files`.
 
     Files already present and valid are skipped, so a rerun fetches only what failed."""
-    from embeddings.images import ImageFilesBuilder
-
-    overrides = {"store.dir": store, "data.train": train, "data.test": test}
-    with _writing(config, overrides, quiet, "download-images") as (cfg, fs):
-        _run(cfg, fs, ["items"], False, quiet)
-        results = run_builders(BuildContext(store=fs, config=cfg, progress=not quiet),
-                               [ImageFilesBuilder(cfg, force_download=True)], force=True)
-        counts = fs.info("image_files").extra.get("status_counts", {})  # type: ignore[union-attr]
-    typer.echo(f"image_files  {results[0].rows} rows  " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    ctx = _context(config, {"store.dir": store, "data.train": train, "data.test": test}, quiet)
+    result = ctx.download_images()
+    counts = ctx.store().info("image_files").extra.get("status_counts", {})  # type: ignore[union-attr]
+    typer.echo(f"image_files  {result.rows} rows  " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 
 @app.command()
 def tables(config: ConfigOpt = None, store: StoreOpt = None) -> None:
     """List the tables in the store: rows, columns, builder, age."""
-    _, fs = _setup(config, {"store.dir": store}, True)
-    manifest = fs.manifest()
+    manifest = _context(config, {"store.dir": store}, True, learners=False).tables()
     if manifest.is_empty():
         typer.echo("the store is empty; run `python cli.py build-features`")
         return
@@ -192,15 +154,13 @@ def sql(
     """Run read-only SQL over the feature store (every table is a view; no other file is reachable)."""
     import polars as pl
 
-    from sql.readonly import export_query, run_query
-
     if out is not None:
         _out_path(out, force)
-    _, fs = _setup(config, {"store.dir": store}, True)
+    ctx = _context(config, {"store.dir": store}, True, learners=False)
     if out is not None:
-        typer.echo(f"wrote {export_query(fs, query, out)} rows to {out}")
+        typer.echo(f"wrote {ctx.export(query, out)} rows to {out}")
         return
-    result = run_query(fs, query, limit=limit)
+    result = ctx.sql(query, limit=limit)
     with pl.Config(tbl_rows=limit, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160):
         typer.echo(result)
 
@@ -232,16 +192,12 @@ def train(
     quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
 ) -> None:
     """Cross-fit base learners into oof__<learner> tables (each skipped when up to date)."""
-    from pipeline.run import train_learners
-
-    overrides = {"store.dir": store, "engine.kind": engine, "engine.address": address}
-    with _writing(config, overrides, quiet, "train") as (cfg, fs):
-        if not (learner or cfg.models.learners):
-            raise UserError("no learners to train: models.learners is empty and no --learner was given")
-        results = train_learners(cfg, fs, learner, force=force, progress=not quiet)
-        for result in results:
-            extra = fs.info(result.table).extra  # type: ignore[union-attr]
-            typer.echo(f"{result.table:<20} {result.status:<7} OOF {extra['metric'].upper()} "
+    ctx = _context(config, {"store.dir": store, "engine.kind": engine, "engine.address": address}, quiet)
+    results = ctx.train(learner, force=force)
+    fs = ctx.store()
+    for result in results:
+        extra = fs.info(result.table).extra  # type: ignore[union-attr]
+        typer.echo(f"{result.table:<20} {result.status:<7} OOF {extra['metric'].upper()} "
                        f"{extra['oof_score']:6.2f}  {result.seconds:6.1f}s")
 
 
@@ -252,13 +208,8 @@ def stack(
     quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
 ) -> None:
     """Train stale base learners, tune the meta-learner with Optuna, write predictions + submission.csv."""
-    from pipeline.run import train_and_stack
-    from pipeline.stack import check_stack_settings
-
     overrides = {"store.dir": store, "stacking.trials": trials, "engine.kind": engine, "engine.address": address}
-    check_stack_settings(_config(config, overrides, quiet))  # before any store is made or locked
-    with _writing(config, overrides, quiet, "stack") as (cfg, fs):
-        record = train_and_stack(cfg, fs, cfg.stacking.trials, progress=not quiet)
+    record = _context(config, overrides, quiet).stack()
     _stack_summary(record)
     typer.echo(f"submission: {record.submission or '(no test rows)'}\nrun record: {record.run_record}")
 
@@ -273,16 +224,11 @@ def predict(
     quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
 ) -> None:
     """Price new rows: same feature builders, stored fold models and stored meta-learner."""
-    from pipeline.predict import predict_file
-
     if not input.is_file():
         raise UserError(f"--input {input}: file not found")
     _out_path(out, force)
     overrides = {"store.dir": store, "engine.kind": engine, "engine.address": address}
-    _setup(config, overrides, quiet)  # the store must exist: predict never makes one
-    # The writer lock: predict builds its derived store inside this one and must not meet a retrain halfway.
-    with _writing(config, overrides, quiet, "predict") as (cfg, fs):
-        predictions = predict_file(cfg, fs, input, out, progress=not quiet)
+    predictions = _context(config, overrides, quiet).predict_file(input, out)
     typer.echo(f"wrote {predictions.height} predictions to {out}")
 
 
@@ -292,10 +238,7 @@ def report(
     out: Annotated[Path | None, typer.Option("--out", help="HTML file (default <store>/report.html)")] = None,
 ) -> None:
     """HTML report: SMAPE per learner vs the stack, error by price band, GBDT importance, predicted vs true."""
-    from stacking.report import build_report
-
-    _, fs = _setup(config, {"store.dir": store}, True)
-    path = build_report(fs, out or fs.root / "report.html")
+    path = _context(config, {"store.dir": store}, True, learners=False).report(out)
     typer.echo(f"report: {path}")
 
 

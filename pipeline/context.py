@@ -1,0 +1,174 @@
+"""The Python API: one object opened on a config and a store, with the verbs the CLI has (the SQLMesh `Context`
+pattern). `cli.py` is a thin shell over it: each command parses its flags, calls one method, prints the result.
+
+    from pipeline.context import Context
+
+    ctx = Context("configs/default.toml")          # or Context(config, overrides={"store.dir": "store_x"})
+    ctx.build_features()                            # -> [BuildResult(table, status, rows, seconds)]
+    record = ctx.stack(trials=20)                   # trains stale learners first; -> StackRecord
+    ctx.sql("SELECT count(*) AS n FROM catalog")    # -> polars DataFrame (read-only, like `cli.py sql`)
+    ctx.predict(new_rows)                           # polars DataFrame in the data columns -> sample_id, price
+
+Errors are the CLI's typed errors (featurestore.errors: ConfigError, InputError, MissingTable, StaleTable, ...);
+the CLI turns them into one red line. Commands that write hold the store's writer lock for their whole run, as
+the CLI's do; reading commands never create a store.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from featurestore.builders import BuildContext, BuildResult, run_builders
+from featurestore.config import Config, edited, load_config
+from featurestore.errors import UserError
+from featurestore.lock import writer_lock
+from featurestore.store import FeatureStore
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from stacking.record import StackRecord
+
+DEFAULT_CONFIG = Path("configs/default.toml")
+
+
+def open_config(config: str | Path | Config | None = None, overrides: dict[str, Any] | None = None,
+                learners: bool = True) -> Config:
+    """The config, validated at load (a Config object is re-checked with the overrides applied). `learners`:
+    register the checks of every `[models.<name>]`, `builders` and `[features.<name>]` entry too (imports the
+    learner and builder modules, ~3 s, which `tables` and `sql` do not need)."""
+    if learners:
+        import models.registry  # noqa: F401  registers the check of every [models.<name>] section, run at load
+        import pipeline.registry  # noqa: F401  and of `builders` and every [features.<name>] section
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if isinstance(config, Config):
+        return edited(config, overrides)
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = DEFAULT_CONFIG
+    return load_config(None if config is None else Path(config), overrides)
+
+
+class Context:
+    """A config and its store. `overrides`: dotted keys as the CLI's flags give them ({"store.dir": ...});
+    None values are ignored. `progress`: progress bars and per-table logs."""
+
+    def __init__(self, config: str | Path | Config | None = None, overrides: dict[str, Any] | None = None,
+                 progress: bool = False, learners: bool = True) -> None:
+        self.config = open_config(config, overrides, learners)
+        self.progress = progress
+
+    @property
+    def root(self) -> Path:
+        return Path(self.config.store.dir)
+
+    def store(self) -> FeatureStore:
+        """The store, opened for reading: a missing store is an error, never made."""
+        return FeatureStore(self.root, create=False)
+
+    @contextmanager
+    def writing(self, command: str) -> Iterator[FeatureStore]:
+        """The store (made when missing), holding its writer lock for the whole block."""
+        with writer_lock(self.root.resolve(), command):
+            yield FeatureStore(self.root)
+
+    # -- the verbs ------------------------------------------------------------------------------------------
+    def build_features(self, only: list[str] | None = None, force: bool = False) -> list[BuildResult]:
+        """Ingest, then every table in `builders` (or `only` these), each skipped when up to date."""
+        from pipeline.registry import builders_for
+
+        with self.writing("build-features") as store:
+            return run_builders(BuildContext(store=store, config=self.config, progress=self.progress),
+                                builders_for(self.config, only), force=force)
+
+    def ingest(self, force: bool = False) -> list[BuildResult]:
+        return self.build_features(["items"], force)
+
+    def download_images(self) -> BuildResult:
+        """Fetch every item's image and record `image_files` (files already present and valid are skipped)."""
+        from embeddings.images import ImageFilesBuilder
+        from pipeline.registry import builders_for
+
+        with self.writing("download-images") as store:
+            context = BuildContext(store=store, config=self.config, progress=self.progress)
+            run_builders(context, builders_for(self.config, ["items"]))
+            return run_builders(context, [ImageFilesBuilder(self.config, force_download=True)], force=True)[0]
+
+    def train(self, learners: list[str] | None = None, force: bool = False) -> list[BuildResult]:
+        """Cross-fit base learners into oof__<learner> tables (each skipped when up to date)."""
+        from pipeline.run import train_learners
+
+        if not (learners or self.config.models.learners):
+            raise UserError("no learners to train: models.learners is empty and no learner was named")
+        with self.writing("train") as store:
+            return train_learners(self.config, store, learners, force=force, progress=self.progress)
+
+    def stack(self, trials: int | None = None) -> StackRecord:
+        """Train stale learners, tune the meta-learner, write predictions and the submission; the run record."""
+        from pipeline.run import train_and_stack
+        from pipeline.stack import check_stack_settings
+
+        config = self.config if trials is None else edited(self.config, {"stacking.trials": trials})
+        check_stack_settings(config)  # before any store is made or locked
+        with self.writing("stack") as store:
+            return train_and_stack(config, store, config.stacking.trials, progress=self.progress)
+
+    def predict_file(self, input_path: str | Path, out: str | Path) -> pl.DataFrame:
+        """Price the rows of a CSV/Parquet file with the stored models; writes `out` (sample_id, price)."""
+        from pipeline.predict import predict_file
+
+        input_path, out = Path(input_path), Path(out)
+        if not input_path.is_file():
+            raise UserError(f"--input {input_path}: file not found")
+        self.store()  # the store must exist: predict never makes one
+        # The writer lock: predict builds its derived store inside this one and must not meet a retrain halfway.
+        with self.writing("predict") as store:
+            return predict_file(self.config, store, input_path, out, progress=self.progress)
+
+    def predict(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """Price new rows given as a frame in the data file's columns (as `predict --input` reads them): the same
+        path as `predict_file`, so the prices are the CLI's for the same rows."""
+        if not isinstance(rows, pl.DataFrame):
+            raise UserError(f"predict takes a polars DataFrame of new rows; got {type(rows).__name__}")
+        with tempfile.TemporaryDirectory(prefix="pricestack-predict-") as tmp:
+            # A fixed name: the derived store is keyed by the file's name and content, so the same rows reuse it.
+            path = Path(tmp) / "rows.parquet"
+            rows.write_parquet(path)
+            return self.predict_file(path, Path(tmp) / "prices.parquet")
+
+    def sql(self, query: str, limit: int | None = None) -> pl.DataFrame:
+        """Read-only SQL over the store's tables (the `sql` command's guard and sandbox)."""
+        from sql.readonly import run_query
+
+        return run_query(self.store(), query, limit=limit)
+
+    def sql_arrow(self, query: str) -> pa.Table:
+        return self.sql(query).to_arrow()
+
+    def export(self, query: str, out: str | Path) -> int:
+        """Stream a read-only query's result to .csv or .parquet; the row count."""
+        from sql.readonly import export_query
+
+        return export_query(self.store(), query, Path(out))
+
+    def tables(self) -> pl.DataFrame:
+        """The manifest: one row per table (rows, columns, builder, seconds, created_at, params, extra)."""
+        return self.store().manifest()
+
+    def record(self) -> StackRecord:
+        """The run record of the stack whose predictions the store holds."""
+        from stacking.record import StackRecord
+
+        return StackRecord.of(self.store())
+
+    def report(self, out: str | Path | None = None) -> Path:
+        """The HTML report (default <store>/report.html)."""
+        from stacking.report import build_report
+
+        store = self.store()
+        return build_report(store, Path(out) if out is not None else store.root / "report.html")
