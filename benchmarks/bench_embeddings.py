@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from benchmarks.facts import run_facts  # noqa: E402
 from embeddings.text import TextEmbeddingBuilder, load_sentence_model  # noqa: E402
 from features.ingest import ItemsBuilder  # noqa: E402
 from featurestore.builders import BuildContext, run_builders  # noqa: E402
@@ -142,11 +142,15 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    results: dict = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    config = load_config(ROOT / "configs/default.toml")
+    results: dict = {**run_facts({"torch": torch.get_num_threads(), "onnxruntime": threads(config),
+                                  "models.threads": threads(config)},
+                                 "python3 benchmarks/bench_embeddings.py " + " ".join(sys.argv[1:])),
                      "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "text": {}}
-    if args.only_backends:
-        results = json.loads(args.out.read_text()) if args.out.is_file() else results
-    results["text_backends"] = {"threads": torch.get_num_threads(), "onnxruntime_threads": os.cpu_count()}
+    if args.only_backends:  # this run's backend figures, under their own run facts, beside the earlier run's
+        earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        results = {**earlier, "text_backends_run": results}
+    results["text_backends"] = {"threads": torch.get_num_threads(), "onnxruntime_threads": threads(config)}
     for name in ("minilm", "mpnet"):
         results["text_backends"][name] = backend_case(name, args.backend_rows)
     if args.only_backends:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -24,8 +23,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from benchmarks.facts import run_facts  # noqa: E402
 from featurestore.builders import BuildContext, run_builders  # noqa: E402
 from featurestore.config import load_config  # noqa: E402
+from featurestore.devices import threads  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
 from models.metrics import smape  # noqa: E402
 from models.train import TrainedLearner, learner_builders  # noqa: E402
@@ -53,8 +54,10 @@ def main() -> None:
         })
         store = FeatureStore(config.store.dir)
         run_builders(BuildContext(store, config, progress=False), builders_for(config))
-        results: dict = {"rows": train.height, "folds": config.folds.k, "threads": config.models.threads or
-                         os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+        results: dict = {**run_facts({"torch": threads(config)},
+                                     "python3 benchmarks/bench_finetune.py " + " ".join(sys.argv[1:])),
+                         "rows": train.height, "folds": config.folds.k,
+                         "device": "cuda" if torch.cuda.is_available() else "cpu",
                          "epochs": args.epochs, "max_seq_length": args.max_seq_length, "learners": {}}
         price = store.read("items", columns=["sample_id", "price"]).sort("sample_id")["price"].to_numpy()
         results["median_baseline_smape"] = round(smape(price, np.full(len(price), np.median(price))), 2)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.facts import run_facts  # noqa: E402
 
 
 def make_amazon_75k(shared: Path, out: Path) -> tuple[Path, Path]:
@@ -82,7 +83,8 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ingest_catalog.json")
     args = parser.parse_args()
-    results: dict = {"machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+    results: dict = {**run_facts({"polars": "POLARS_MAX_THREADS unset: every core", "spacy": 1},
+                                 "python3 benchmarks/bench_ingest_catalog.py " + " ".join(sys.argv[1:])),
                      "cases": {}}
     with tempfile.TemporaryDirectory() as tmp_str:
         tmp = Path(tmp_str)

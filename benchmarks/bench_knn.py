@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -28,6 +27,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from benchmarks.facts import run_facts  # noqa: E402
 from features.knn import knn_features, search  # noqa: E402
 
 MERCARI = ROOT.parent / "shared" / "data" / "mercari" / "train.parquet"
@@ -74,7 +74,9 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/knn.json")
     args = parser.parse_args()
-    results = {"cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(), "index": "flat (exact IP)",
+    results = {**run_facts({"faiss": faiss.omp_get_max_threads()},
+                           "python3 benchmarks/bench_knn.py " + " ".join(sys.argv[1:])),
+               "index": "flat (exact IP)",
                "vectors": "synthetic clustered, L2-normalised", "cases": []}
     for dim in args.dims:
         result = case(args.train, args.test, dim, args.folds, [5, 20, 50], seed=0)

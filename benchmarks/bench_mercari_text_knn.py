@@ -27,8 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.facts import run_facts  # noqa: E402
 from featurestore.builders import BuildContext, run_builders  # noqa: E402
 from featurestore.config import load_config  # noqa: E402
+from featurestore.devices import threads  # noqa: E402
 from featurestore.names import PREDICTIONS  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
 from models.train import TrainedLearner  # noqa: E402
@@ -97,7 +99,9 @@ def main() -> None:
     after = scores(store, learners)
     print("with minilm + knn", after, flush=True)
     result = {
-        "threads": config.models.threads or os.cpu_count(), "rows": store.read("items", columns=["sample_id"]).height,
+        **run_facts({"every library": threads(config)},
+                    "python3 benchmarks/bench_mercari_text_knn.py " + " ".join(sys.argv[1:])),
+        "rows": store.read("items", columns=["sample_id"]).height,
         "text_backend": emb.params.get("backend"), "max_seq_length": emb.params.get("max_seq_length"),
         "build_seconds": round(build_s, 1), "steps": steps,
         "texts_per_s": round(emb.row_count / max(emb.seconds, 1e-9), 1),

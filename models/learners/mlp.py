@@ -121,6 +121,7 @@ class MLPLearner(BaseLearner):
         torch.set_num_threads(self.threads)
         nets = [self._fit_member(m, train, y, watch, y_watch) for m in range(max(1, self.settings.members))]
         self.members_ = Members([net for net, _ in nets])
+        self.exact_ = None
         self.best_iteration_ = int(np.mean([epochs for _, epochs in nets]))
 
     def _fit_member(self, member: int, train: Inputs, y: np.ndarray, watch: Inputs, y_watch: np.ndarray
@@ -178,7 +179,12 @@ class MLPLearner(BaseLearner):
         return net, best[2]
 
     def _predict(self, x: Inputs) -> np.ndarray:
-        outputs = [_predict_net(net, x, self._binary(m)) for m, net in enumerate(self.members_.nets)]
+        # The float64 copies are made once per fitted or loaded model, not per call: a served model predicts a
+        # few rows at a time, and copying a 100k-term first layer to float64 took longer than the prediction.
+        if getattr(self, "exact_", None) is None:
+            self.exact_ = [_exact(net) for net in self.members_.nets]
+        outputs = [_predict_exact(exact, net, x, self._binary(m))
+                   for m, (exact, net) in enumerate(zip(self.exact_, self.members_.nets, strict=True))]
         return np.mean(outputs, axis=0)
 
     def _save(self, path: Path) -> None:
@@ -193,6 +199,7 @@ class MLPLearner(BaseLearner):
             nets.append(self._net(state[f"nets.{m}.mean"].shape[0], n_sparse))
         self.members_ = Members(nets)
         self.members_.load_state_dict(state)
+        self.exact_ = None
 
 
 # Inference digits kept: float32 GEMM kernels round differently with the batch size (~1e-8), so a row priced in a
@@ -201,9 +208,16 @@ class MLPLearner(BaseLearner):
 PREDICTION_DECIMALS = 9
 
 
-@torch.no_grad()
+def _exact(net: PriceNet) -> PriceNet:
+    return copy.deepcopy(net).double().eval()
+
+
 def _predict_net(net: PriceNet, x: Inputs, binary: bool) -> np.ndarray:
-    exact = copy.deepcopy(net).double().eval()
+    return _predict_exact(_exact(net), net, x, binary)
+
+
+@torch.no_grad()
+def _predict_exact(exact: PriceNet, net: PriceNet, x: Inputs, binary: bool) -> np.ndarray:
     out = []
     for start in range(0, len(x), 4096):
         part = x.rows(np.arange(start, min(start + 4096, len(x))))
