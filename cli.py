@@ -233,6 +233,23 @@ def predict(
 
 
 @app.command()
+def serve(
+    config: ConfigOpt = None, store: StoreOpt = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body accepted (413 above)")] = 10.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Serve the stack over HTTP: POST /predict, GET /health, GET /version, POST /sql, POST /reload."""
+    from pipeline.serve import serve as run_server
+
+    ctx = _context(config, {"store.dir": store}, quiet)
+    ctx.store()  # the store must exist: serve never makes one
+    typer.echo(f"serving {ctx.root} on http://{host}:{port}  (POST /predict, GET /version; Ctrl-C stops)")
+    run_server(ctx, host, port, max_body_mb)
+
+
+@app.command()
 def report(
     config: ConfigOpt = None, store: StoreOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="HTML file (default <store>/report.html)")] = None,

@@ -20,8 +20,10 @@ LIBRARIES = ("polars", "duckdb", "lightgbm", "xgboost", "catboost", "torch", "on
 def _commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        # Results files are what benchmarks write (a run that writes two entries sees its first one): not code.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
         return out.stdout.strip() + ("+uncommitted changes" if dirty else "")
     except OSError:
         return "unknown"

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,12 @@ import polars as pl
 
 from embeddings.download import Downloader, FetchOutcome, resolve_local
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
-from featurestore.builders import BuildContext, Built, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
 from featurestore.config import Config, ImageConfig
 from featurestore.devices import resolve_device
 from featurestore.errors import ConfigError, UserError
 from featurestore.names import image_emb_table
-from featurestore.store import file_sha256
+from featurestore.store import FeatureStore, file_sha256
 
 IMAGE_FILES_SCHEMA = {
     "url": pl.String, "path": pl.String, "status": pl.String, "bytes": pl.Int64, "sha256": pl.String,
@@ -98,6 +99,29 @@ class ImageFilesBuilder(FeatureBuilder):
         root = str(ctx.store.root) + os.sep
         table = table.with_columns(pl.col("path").str.strip_prefix(root))
         return Built(table, {"status_counts": dict(table.group_by("status").len().iter_rows())})
+
+    supports_online = True
+
+    def online_state(self, trained: FeatureStore, threads: int) -> Path:
+        """Where new rows' images are: the configured folder, or (images.source = "download") a folder of this
+        process's own, never the store (a served request must not change it)."""
+        if self.source == "folder":
+            return image_folder(self.config, trained.root, self.source)
+        return Path(tempfile.mkdtemp(prefix="pricestack-images-"))
+
+    def online(self, state: Path, rows: OnlineRows) -> pl.DataFrame:
+        """A missing or undecodable image is recorded as such (status), as in `build`: the image table then gives
+        the row `image_ok = false` and a zero vector, the path every training row without an image took."""
+        items = rows.tables["items"]
+        pairs = list(zip(items["sample_id"].to_list(), items["image_link"].to_list(), strict=True))
+        if self.source == "folder":
+            outcomes = [resolve_local(state, sid, url) for sid, url in pairs]
+        else:
+            icfg = self.config.images
+            outcomes = Downloader(state, timeout_s=icfg.timeout_s, retries=icfg.retries, max_bytes=icfg.max_file_bytes,
+                                  workers=icfg.workers, per_host=icfg.per_host,
+                                  deadline_s=icfg.deadline_s).fetch_all(pairs, progress=False)
+        return outcomes_table(items["sample_id"], outcomes)
 
 
 def load_image(path: str | None, max_bytes: int, max_pixels: int) -> tuple[Any, str | None]:
@@ -245,22 +269,19 @@ class ImageEmbeddingBuilder(FeatureBuilder):
         icfg = self.config.images
         files = ctx.store.read("image_files", columns=["sample_id", "path"]).sort("sample_id")
         hashes = ctx.store.read("image_files", columns=["sample_id", "sha256"])
-        reused = reusable_rows([ctx.store, ctx.parent], self.table, reuse_key(self, self.params()), hashes,
+        reused = reusable_rows(ctx.store, self.table, reuse_key(self, self.params()), hashes,
                                lambda store: store.read("image_files", columns=["sample_id", "sha256"]))
         if reused is not None:
             files = files.join(reused.select("sample_id"), on="sample_id", how="anti")
             if files.is_empty():
                 return self._built(reused.sort("sample_id"), reused.height)
-        # A `predict` store embeds its new images one at a time, so no row's vector depends on its batch-mates
-        # (the other rows of the input file); see the text builder.
-        batch_size = 1 if ctx.parent is not None else icfg.batch_size
         # Paths relative to the store resolve against it on the worker: a multi-node cluster needs the store and
         # the image folder on a filesystem every node mounts at the same path (README, "On a cluster").
         # What the worker's encoder reads, its device resolved here, not on the worker (see the text builder).
         unit = ImageConfig(**{k: getattr(icfg, k) for k in ("encoder", "model", "pretrained", "max_file_bytes",
                                                              "max_pixels")},
                            device=resolve_device(icfg.device, "images.device"))
-        encoder = (ImageEncoder, (unit, str(ctx.store.root), batch_size))
+        encoder = (ImageEncoder, (unit, str(ctx.store.root), icfg.batch_size))
         scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
         table, run = run_in_parts(files, icfg.batch_size * 8, scratch, ctx.engine, "embed", encoder, self.table,
                                   ctx.progress)
@@ -268,6 +289,20 @@ class ImageEmbeddingBuilder(FeatureBuilder):
             table = pl.concat([reused.select(table.columns).cast(table.schema), table]).sort("sample_id")
         return self._built(table, 0 if reused is None else reused.height,
                            {**run, "engine": ctx.engine.record("embed")})
+
+    supports_online = True
+
+    def online_state(self, trained: FeatureStore, threads: int) -> ImageEncoder:
+        """The encoder, loaded once; one image per batch, so no new row's vector depends on its batch-mates (see
+        the text builder)."""
+        icfg = self.config.images
+        unit = ImageConfig(**{k: getattr(icfg, k) for k in ("encoder", "model", "pretrained", "max_file_bytes",
+                                                             "max_pixels")},
+                           device=resolve_device(icfg.device, "images.device"))
+        return ImageEncoder(unit, str(trained.root), 1, threads)
+
+    def online(self, state: ImageEncoder, rows: OnlineRows) -> pl.DataFrame:
+        return state(rows.tables["image_files"].select("sample_id", "path"))[0]
 
     def _built(self, table: pl.DataFrame, rows_reused: int, run: dict[str, Any] | None = None) -> Built:
         return Built(table, {"encoder": self.config.images.encoder, "dim": table.schema["embedding"].size,

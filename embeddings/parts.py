@@ -68,23 +68,17 @@ def reuse_key(builder: object, params: dict[str, Any]) -> str:
     return hashlib.sha256(code_hash((type(builder),)).encode() + payload).hexdigest()[:16]
 
 
-def reusable_rows(stores: list[FeatureStore | None], table: str, key: str, wanted: pl.DataFrame,
+def reusable_rows(store: FeatureStore, table: str, key: str, wanted: pl.DataFrame,
                   key_of: Callable[[FeatureStore], pl.DataFrame]) -> pl.DataFrame | None:
-    """Rows of an earlier `table` (in any of `stores`, e.g. the store a prediction run derives from) whose
-    reuse key matches and whose identifying columns (`wanted`: sample_id + text or file hash) are unchanged.
+    """Rows of the store's earlier `table` whose reuse key matches and whose identifying columns (`wanted`:
+    sample_id + text or file hash) are unchanged.
 
-    Embeddings cost minutes per thousand rows on a CPU: a new test file or a `predict` run only embeds rows it has
-    not seen. Returns None when nothing can be reused."""
-    found = []
-    for store in stores:
-        if store is None or not store.table_path(table).is_file():
-            continue
-        info = store.info(table)
-        if info is None or info.extra.get("reuse_key") != key:
-            continue
-        old = store.read(table).join(key_of(store), on="sample_id", how="inner")
-        found.append(old.join(wanted, on=wanted.columns, how="semi").drop([c for c in wanted.columns
-                                                                           if c != "sample_id"]))
-    if not found:
+    Embeddings cost minutes per thousand rows on a CPU: a new test file only embeds rows the store has not seen.
+    Returns None when nothing can be reused."""
+    if not store.table_path(table).is_file():
         return None
-    return pl.concat(found).unique("sample_id", keep="first", maintain_order=True)
+    info = store.info(table)
+    if info is None or info.extra.get("reuse_key") != key:
+        return None
+    old = store.read(table).join(key_of(store), on="sample_id", how="inner")
+    return old.join(wanted, on=wanted.columns, how="semi").drop([c for c in wanted.columns if c != "sample_id"])

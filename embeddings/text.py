@@ -16,11 +16,12 @@ import polars as pl
 
 from embeddings.onnx_text import OnnxSentenceEncoder, exported_model
 from embeddings.parts import reusable_rows, reuse_key, run_in_parts, scratch_for
-from featurestore.builders import BuildContext, Built, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
 from featurestore.config import Config, TextEmbeddingConfig
 from featurestore.devices import resolve_device
 from featurestore.errors import ConfigError, UserError
 from featurestore.names import TEXT_EMB_PREFIX, text_emb_table
+from featurestore.store import FeatureStore
 from weights.text import resolve_text_model
 
 
@@ -146,7 +147,7 @@ class TextEmbeddingBuilder(FeatureBuilder):
     def build(self, ctx: BuildContext) -> Built:
         tcfg = self.config.text_embeddings
         items = ctx.store.read("items", columns=["sample_id", "text"])
-        reused = reusable_rows([ctx.store, ctx.parent], self.table, reuse_key(self, self.params()), items,
+        reused = reusable_rows(ctx.store, self.table, reuse_key(self, self.params()), items,
                                lambda store: store.read("items", columns=["sample_id", "text"]))
         todo = items if reused is None else items.join(reused.select("sample_id"), on="sample_id", how="anti")
         # Longest first: batches hold texts of similar length (little padding), and the slowest part runs first.
@@ -154,15 +155,11 @@ class TextEmbeddingBuilder(FeatureBuilder):
             ["length", "sample_id"], descending=[True, False]
         )
 
-        # A store derived for `predict` encodes its new rows one at a time: with int8 ONNX a vector depends on its
-        # batch-mates (dynamic quantisation scales over the whole batch tensor; padding changes GEMM shapes), so a
-        # row's price would move with the other rows of the input file. Training stores keep full batches.
-        batch_size = 1 if ctx.parent is not None else tcfg.batch_size
         # Device and backend are resolved here, where the fingerprint hashed them, not on the worker: a worker
         # without a GPU (engine.embed.num_gpus = 0 on a GPU cluster) must fail loudly, not make CPU vectors under a
         # GPU fingerprint.
         resolved = dataclasses.replace(tcfg, device=resolve_device(tcfg.device), backend=backend_of(tcfg))
-        encoder = (TextEncoder, (self.model_name, resolved, batch_size))
+        encoder = (TextEncoder, (self.model_name, resolved, tcfg.batch_size))
         scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
         run: dict[str, Any] = {}
         if rows.height:
@@ -184,3 +181,16 @@ class TextEmbeddingBuilder(FeatureBuilder):
                            "engine": ctx.engine.record("embed"),
                            "reuse_key": reuse_key(self, self.params()),
                            "rows_reused": 0 if reused is None else reused.height})
+
+    supports_online = True
+
+    def online_state(self, trained: FeatureStore, threads: int) -> TextEncoder:
+        """The model, loaded once; one text per batch: with int8 ONNX a vector depends on its batch-mates (dynamic
+        quantisation scales over the whole batch tensor; padding changes GEMM shapes), so a new row's price would
+        move with the other rows sent with it."""
+        tcfg = self.config.text_embeddings
+        resolved = dataclasses.replace(tcfg, device=resolve_device(tcfg.device), backend=backend_of(tcfg))
+        return TextEncoder(self.model_name, resolved, 1, threads)
+
+    def online(self, state: TextEncoder, rows: OnlineRows) -> pl.DataFrame:
+        return state(rows.tables["items"].select("sample_id", "text"))[0]

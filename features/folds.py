@@ -7,11 +7,13 @@ Rows are sorted by id first, so the assignment does not depend on the order of t
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import polars as pl
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from featurestore.builders import BuildContext, Built, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
 from featurestore.errors import InputError
 
 
@@ -57,3 +59,9 @@ class FoldsBuilder(FeatureBuilder):
                             f.price_bands)
         table = train.select("sample_id").with_columns(pl.Series("fold", fold, dtype=pl.Int32)).sort("sample_id")
         return Built(table, {"fold_sizes": table.group_by("fold").len().sort("fold")["len"].to_list()})
+
+    supports_online = True
+
+    def online(self, state: Any, rows: OnlineRows) -> pl.DataFrame:
+        """New rows are test rows: in no fold (the table holds training rows only)."""
+        return pl.DataFrame(schema={"sample_id": rows.tables["items"].schema["sample_id"], "fold": pl.Int32})

@@ -10,13 +10,14 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
-from featurestore.builders import BuildContext, Built, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
 from featurestore.config import ColumnsConfig, Config, ValidationConfig
 from featurestore.errors import UserError
-from featurestore.store import file_sha256
+from featurestore.store import FeatureStore, file_sha256
 
 MAX_REPORTED_PROBLEMS = 25
 
@@ -328,18 +329,17 @@ def load_items(config: Config, id_type: pl.DataType | None = None) -> pl.DataFra
         named.append((str(path), frame))
     frames = canonical_ids(named, cols.id, id_type)
     if len(frames) == 2:
-        train, test = frames
-        shared = train.join(test, on="sample_id", how="semi")["sample_id"]
-        if shared.len():
-            rows = test.with_row_index().join(shared.to_frame(), on="sample_id", how="semi")
-            raise IngestError(
-                [
-                    Problem(config.data.test, r["index"] + 1, cols.id, f"id {r['sample_id']!r} also in the train file; "
-                            "expected train and test ids to be disjoint")
-                    for r in rows.head(MAX_REPORTED_PROBLEMS).iter_rows(named=True)
-                ]
-            )
+        refuse_training_ids(frames[1], frames[0]["sample_id"], config.data.test, cols.id)
     return pl.concat(frames, how="diagonal_relaxed")
+
+
+def refuse_training_ids(new: pl.DataFrame, train_ids: pl.Series, source: str, id_col: str) -> None:
+    """New (test) rows must not reuse a training id: their features would be looked up as the training row's."""
+    rows = new.with_row_index().join(train_ids.to_frame("sample_id"), on="sample_id", how="semi")
+    if rows.height:
+        raise IngestError([Problem(source, r["index"] + 1, id_col, f"id {r['sample_id']!r} also in the train file; "
+                                   "expected train and test ids to be disjoint")
+                           for r in rows.head(MAX_REPORTED_PROBLEMS).iter_rows(named=True)])
 
 
 class ItemsBuilder(FeatureBuilder):
@@ -355,6 +355,20 @@ class ItemsBuilder(FeatureBuilder):
         return ":".join(hashes)
 
     def build(self, ctx: BuildContext) -> Built:
-        # A derived (predict) store keeps the training store's id type: see canonical_ids.
-        id_type = ctx.parent.read_schema("items")["sample_id"] if ctx.parent is not None else None
-        return Built(load_items(self.config, id_type))
+        return Built(load_items(self.config))
+
+    supports_online = True
+
+    def online_state(self, trained: FeatureStore, threads: int) -> Any:
+        ids = trained.read("items", columns=["sample_id", "split"])
+        return trained.read_schema("items")["sample_id"], ids.filter(pl.col("split") == "train")["sample_id"]
+
+    def online(self, state: Any, rows: OnlineRows) -> pl.DataFrame:
+        """The new rows as test rows of the training store: validated like a test file, ids cast to the store's
+        id type, training ids refused."""
+        id_type, train_ids = state
+        cols = self.config.columns
+        (frame,) = canonical_ids([(rows.source, normalise(rows.raw, rows.source, "test", cols,
+                                                          self.config.validation))], cols.id, id_type)
+        refuse_training_ids(frame, train_ids, rows.source, cols.id)
+        return frame

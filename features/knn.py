@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +21,13 @@ import faiss
 import numpy as np
 import polars as pl
 
-from featurestore.builders import BuildContext, Built, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
 from featurestore.config import Config
 from featurestore.engine import Engine, LocalEngine
 from featurestore.errors import ConfigError, StaleTable
 from featurestore.folds import FoldMean, fold_plan, items_with_folds
 from featurestore.names import knn_space_name, knn_table
+from featurestore.store import FeatureStore
 
 TIE_MARGIN = 16  # extra neighbours fetched so ties at the k-th place can be broken by id
 
@@ -204,3 +206,93 @@ class KnnBuilder(FeatureBuilder):
                                self.config.knn.index, ctx.engine)
         return Built(frame.select("sample_id").with_columns(**{k: pl.Series(v) for k, v in columns.items()}),
                      {"engine": ctx.engine.record("knn")})
+
+    def _vectors(self, tables: list[pl.DataFrame]) -> np.ndarray:
+        return np.ascontiguousarray(np.hstack([_normalised(t) for t in tables]) / np.sqrt(len(tables)),
+                                    dtype=np.float32)
+
+    supports_online = True
+
+    def online_state(self, trained: FeatureStore, threads: int) -> _Online:
+        """The training rows' vectors, prices and duplicate keys, and one index per fold over that fold's fitting
+        rows, built once (a test row queries each fold's fitting rows and averages, as in `build`)."""
+        frame = items_with_folds(trained, ["sample_id", "text", "price"]).filter(pl.col("fold") >= 0)
+        tables = []
+        for name in self.tables:
+            table = frame.select("sample_id").join(trained.read(name, columns=["sample_id", "embedding"]),
+                                                   on="sample_id", how="left", maintain_order="left")
+            if table["embedding"].null_count():
+                raise StaleTable(f"{name} does not cover the training rows of items; rebuild it")
+            tables.append(table)
+        vectors = self._vectors(tables)
+        keys: list[np.ndarray] = []
+        if self.config.knn.exclude_duplicates:
+            keys.append(_hash(frame["text"].to_list()))
+            if "image_files" in self.inputs:
+                files = frame.select("sample_id").join(trained.read("image_files", columns=["sample_id", "sha256"]),
+                                                       on="sample_id", how="left", maintain_order="left")
+                keys.append(np.array(files["sha256"].to_list(), dtype=object))
+        fold = frame["fold"].to_numpy()
+        indexes = []
+        faiss.omp_set_num_threads(threads)
+        for _, _, base_rows in fold_plan(fold):
+            index = make_index(vectors.shape[1], self.config.knn.index, len(base_rows))
+            if not index.is_trained:
+                index.train(vectors[base_rows])
+            index.add(vectors[base_rows])
+            indexes.append((base_rows, index))
+        ks = list(self.config.knn.ks)
+        return _Online(frame["sample_id"].to_numpy(), np.log1p(frame["price"].to_numpy()), keys, indexes,
+                       max(ks) + TIE_MARGIN + sum(_largest_group(k) for k in keys), ks, threads)
+
+    def online(self, state: _Online, rows: OnlineRows) -> pl.DataFrame:
+        items = rows.tables["items"]
+        queries = self._vectors([items.select("sample_id").join(rows.tables[name].select("sample_id", "embedding"),
+                                                                on="sample_id", how="left", maintain_order="left")
+                                 for name in self.tables])
+        keys: list[np.ndarray] = []
+        if self.config.knn.exclude_duplicates:
+            keys.append(_hash(items["text"].to_list()))
+            if "image_files" in self.inputs:
+                files = items.select("sample_id").join(rows.tables["image_files"].select("sample_id", "sha256"),
+                                                       on="sample_id", how="left", maintain_order="left")
+                keys.append(np.array(files["sha256"].to_list(), dtype=object))
+        ids = items["sample_id"].to_numpy()
+        mean: dict[str, FoldMean] = {}
+        for base_rows, index in state.indexes:
+            sims, idx = _search_each(index, queries, min(state.k, len(base_rows)), state.threads)
+            stats = neighbour_stats(sims, idx, state.ids[base_rows], state.log_price[base_rows],
+                                    [k[base_rows] for k in state.keys], ids, keys, state.ks, short_name(self.space))
+            for name, values in stats.items():
+                mean.setdefault(name, FoldMean(len(ids))).add(values)
+        return items.select("sample_id").with_columns(**{k: pl.Series(m.mean()) for k, m in mean.items()})
+
+
+@dataclass
+class _Online:
+    """What pricing new rows reads of the training rows (KnnBuilder.online_state)."""
+
+    ids: np.ndarray
+    log_price: np.ndarray
+    keys: list[np.ndarray]
+    indexes: list[tuple[np.ndarray, faiss.Index]]  # per fold: its fitting rows and an index over them
+    k: int
+    ks: list[int]
+    threads: int
+
+
+_BLAS_THRESHOLD_LOCK = threading.Lock()
+
+
+def _search_each(index: faiss.Index, queries: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every query searched the same way whatever the batch: faiss computes 20 or more queries as one BLAS
+    product and fewer one by one, whose sums round differently, so a row's neighbours' similarities would move
+    with the number of rows sent with it. The one-by-one kernel for all (parallel over queries)."""
+    with _BLAS_THRESHOLD_LOCK:
+        faiss.omp_set_num_threads(threads)
+        saved = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = 2**30
+        try:
+            return index.search(queries, k)
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = saved

@@ -11,47 +11,76 @@ get the prior (the fitting rows' mean) and count 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 
-from featurestore.builders import BuildContext, Built, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
 from featurestore.errors import ConfigError
 from featurestore.folds import fold_plan, items_with_folds
+from featurestore.store import FeatureStore
+
+
+@dataclass
+class FoldSums:
+    """What one fold's fitting rows say about each value (dense code): the sum and count of their log prices,
+    and their mean log price (the prior)."""
+
+    prior: float
+    total: np.ndarray
+    count: np.ndarray
+
+    def encode(self, code: np.ndarray, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+        """Smoothed encodings and counts of rows with these codes (-1, or a code without fitting rows: the
+        prior and count 0)."""
+        known = (code >= 0) & (code < len(self.total))
+        n_seen = np.where(known, self.count[np.clip(code, 0, max(len(self.count) - 1, 0))], 0.0)
+        total = np.where(known, self.total[np.clip(code, 0, max(len(self.total) - 1, 0))], 0.0)
+        return (total + smoothing * self.prior) / (n_seen + smoothing), n_seen
+
+
+def fold_sums(code: np.ndarray, log_price: np.ndarray, fitting_rows: np.ndarray, width: int) -> FoldSums:
+    """Sums are numpy's, in row order (`np.bincount`): polars' parallel group-by sums came out in a different order
+    from run to run (two builds of Mercari's 5,000 rows differed in the last bits of 4,999 encodings)."""
+    seen = fitting_rows[code[fitting_rows] >= 0]
+    return FoldSums(float(np.mean(log_price[fitting_rows])),
+                    np.bincount(code[seen], weights=log_price[seen], minlength=width),
+                    np.bincount(code[seen], minlength=width).astype(np.float64))
+
+
+def dense_codes(values: pl.Series) -> np.ndarray:
+    """Dense codes per distinct value, -1 for missing: the same for every fold."""
+    return values.cast(pl.String).rank("dense").fill_null(0).cast(pl.Int64).to_numpy() - 1
+
+
+def mean_over_folds(sums: list[FoldSums], code: np.ndarray, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    """A test row's encoding and count: the mean over folds of what each fold's fitting rows say (the same
+    distribution as the out-of-fold values the learners trained on), added in fold order."""
+    encoded, counts = np.zeros(len(code)), np.zeros(len(code))
+    for fold in sums:
+        value, n_seen = fold.encode(code, smoothing)
+        encoded += value / len(sums)
+        counts += n_seen / len(sums)
+    return encoded, counts
 
 
 def encode_column(values: pl.Series, log_price: np.ndarray, fold: np.ndarray, smoothing: float
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Encodings and counts for every row; fold = -1 marks test rows.
-
-    Sums are numpy's, in row order (`np.bincount`): polars' parallel group-by sums came out in a different order
-    from run to run (two builds of Mercari's 5,000 rows differed in the last bits of 4,999 encodings)."""
+    """Encodings and counts for every row; fold = -1 marks test rows."""
     n = len(values)
     encoded = np.full(n, np.nan)
     counts = np.zeros(n, dtype=np.float64)
     test = np.flatnonzero(fold < 0)
-    # Dense codes per distinct value, -1 for missing: the same for every fold.
-    code = values.cast(pl.String).rank("dense").fill_null(0).cast(pl.Int64).to_numpy() - 1
+    code = dense_codes(values)
     width = int(code.max()) + 1 if n else 0
     plan = list(fold_plan(fold))
+    sums = [fold_sums(code, log_price, fitting_rows, width) for _, _, fitting_rows in plan]
+    for (_, query, _), fold_sum in zip(plan, sums, strict=True):
+        if len(query):
+            encoded[query], counts[query] = fold_sum.encode(code[query], smoothing)
     if len(test):
-        encoded[test] = 0.0
-    for _, query, fitting_rows in plan:
-        prior = float(np.mean(log_price[fitting_rows]))
-        seen = fitting_rows[code[fitting_rows] >= 0]
-        total_of = np.bincount(code[seen], weights=log_price[seen], minlength=width)
-        n_of = np.bincount(code[seen], minlength=width).astype(np.float64)
-        for rows, is_test in ((query, False), (test, True)):
-            if not len(rows):
-                continue
-            known = code[rows] >= 0
-            n_seen = np.where(known, n_of[np.maximum(code[rows], 0)], 0.0)
-            total = np.where(known, total_of[np.maximum(code[rows], 0)], 0.0)
-            value = (total + smoothing * prior) / (n_seen + smoothing)
-            if is_test:  # the mean over folds of what each fold's fitting rows say (same distribution as OOF)
-                encoded[rows] += value / len(plan)
-                counts[rows] += n_seen / len(plan)
-            else:
-                encoded[rows], counts[rows] = value, n_seen
+        encoded[test], counts[test] = mean_over_folds(sums, code[test], smoothing)
     return encoded, counts
 
 
@@ -62,14 +91,21 @@ class TargetEncodingBuilder(FeatureBuilder):
     reads = ("target_encoding",)
 
     def build(self, ctx: BuildContext) -> Built:
-        cfg = self.config.target_encoding
-        catalog = ctx.store.read("catalog")
-        missing = [c for c in cfg.columns if c not in catalog.columns]
+        return Built(self._encode(self._frame(ctx.store)))
+
+    def _frame(self, store: FeatureStore) -> pl.DataFrame:
+        """Every item's id, price, fold (-1: test) and encoded columns, ordered by sample_id."""
+        columns = self.config.target_encoding.columns
+        catalog = store.read("catalog")
+        missing = [c for c in columns if c not in catalog.columns]
         if missing:
             raise ConfigError(f"target_encoding.columns: {missing} are not columns of the catalog table "
                              f"(it has: {', '.join(catalog.columns)})")
-        frame = (items_with_folds(ctx.store, ["sample_id", "price"])
-                 .join(catalog.select(["sample_id", *cfg.columns]), on="sample_id", how="left"))
+        return (items_with_folds(store, ["sample_id", "price"])
+                .join(catalog.select(["sample_id", *columns]), on="sample_id", how="left"))
+
+    def _encode(self, frame: pl.DataFrame) -> pl.DataFrame:
+        cfg = self.config.target_encoding
         log_price = np.log1p(frame["price"].to_numpy())
         fold = frame["fold"].to_numpy()
         out = frame.select("sample_id")
@@ -77,4 +113,33 @@ class TargetEncodingBuilder(FeatureBuilder):
             values = frame[column].cast(pl.String)
             encoded, counts = encode_column(values, log_price, fold, cfg.smoothing)
             out = out.with_columns(pl.Series(f"te_{column}", encoded), pl.Series(f"te_{column}_count", counts))
-        return Built(out)
+        return out
+
+    supports_online = True
+
+    def online_state(self, trained: FeatureStore, threads: int) -> dict[str, tuple[dict[str, int], list[FoldSums]]]:
+        """Per encoded column: each training value's dense code and every fold's sums over its fitting rows (the
+        training rows in sample_id order, as `build` sums them: the same bits)."""
+        frame = self._frame(trained).filter(pl.col("fold") >= 0)
+        log_price, fold = np.log1p(frame["price"].to_numpy()), frame["fold"].to_numpy()
+        state = {}
+        for column in self.config.target_encoding.columns:
+            values = frame[column].cast(pl.String)
+            code = dense_codes(values)
+            width = int(code.max()) + 1 if len(code) else 0
+            lookup = dict(zip(values.to_list(), code.tolist(), strict=True))
+            lookup.pop(None, None)  # type: ignore[call-overload]
+            state[column] = (lookup, [fold_sums(code, log_price, rows, width) for _, _, rows in fold_plan(fold)])
+        return state
+
+    def online(self, state: dict[str, tuple[dict[str, int], list[FoldSums]]], rows: OnlineRows) -> pl.DataFrame:
+        """A new row reads only the training rows' sums: a value they never hold gets the prior, count 0."""
+        catalog = rows.tables["catalog"]
+        out = catalog.select("sample_id")
+        smoothing = self.config.target_encoding.smoothing
+        for column, (lookup, sums) in state.items():
+            code = np.array([-1 if v is None else lookup.get(v, -1) for v in catalog[column].cast(pl.String)],
+                            dtype=np.int64)
+            encoded, counts = mean_over_folds(sums, code, smoothing)
+            out = out.with_columns(pl.Series(f"te_{column}", encoded), pl.Series(f"te_{column}_count", counts))
+        return out

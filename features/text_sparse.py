@@ -8,14 +8,15 @@ Mercari (38.3 vs 42.0 SMAPE on one merged vocabulary).
 Stored as a real store table: `sample_id`, `indices` (INTEGER[]) and `values` (FLOAT[]) hold each row's CSR
 slice, so `SELECT sample_id, len(indices) FROM text_sparse` works in DuckDB; the vocabulary (terms, idf, block
 offsets) is JSON beside the models, never a pickle. Vocabularies are fitted on train + test text: no target is
-involved. A derived store (`predict`) reuses its parent's vocabulary, so a column index means the same term for
-the stored models.
+involved. New rows (`predict`, `serve`: `online`) are transformed with the stored vocabulary, so a column index
+means the same term for the stored models.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ import polars as pl
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from featurestore.builders import BuildContext, Built, FeatureBuilder
+from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
 from featurestore.config import Config, SparseFieldConfig
-from featurestore.errors import ConfigError
+from featurestore.errors import ConfigError, StaleTable
 from featurestore.sparse import COLUMN_NAMES_KEY, csr_to_frame
 from featurestore.store import FeatureStore, atomic_write_text
 
@@ -104,15 +105,19 @@ class FittedField:
         return cls(spec, sublinear_tf, {k: int(v) for k, v in vectorizer.vocabulary_.items()}, idf, min_df)
 
     def transform(self, texts: list[str]) -> sp.csr_matrix:
+        """Row by row (each row's tf-idf and norm are its own). The vectorizer is set up once per field: checking
+        a 100k-term vocabulary took longer than transforming a served request's few texts."""
         if not self.vocabulary:
             return sp.csr_matrix((len(texts), 0), dtype=np.float32)
-        vectorizer = _vectorizer(self.spec, self.sublinear_tf, 1)
-        vectorizer.set_params(vocabulary=self.vocabulary, max_features=None)
-        if self.idf is not None:
-            vectorizer.idf_ = np.asarray(self.idf, dtype=np.float64)
-        else:
-            vectorizer.fit(["x"])  # one-hot (no idf): fitting only fixes the given vocabulary
-        return vectorizer.transform(texts).tocsr().astype(np.float32)
+        if getattr(self, "_fitted", None) is None:
+            vectorizer = _vectorizer(self.spec, self.sublinear_tf, 1)
+            vectorizer.set_params(vocabulary=self.vocabulary, max_features=None)
+            if self.idf is not None:
+                vectorizer.idf_ = np.asarray(self.idf, dtype=np.float64)
+            else:
+                vectorizer.fit(["x"])  # one-hot (no idf): fitting only fixes the given vocabulary
+            self._fitted = vectorizer
+        return self._fitted.transform(texts).tocsr().astype(np.float32)
 
     @property
     def terms(self) -> list[str]:
@@ -149,16 +154,16 @@ class TextSparseBuilder(FeatureBuilder):
     def artifacts_ok(self, store: FeatureStore, fingerprint: str) -> bool:
         return vocabulary_path(store, fingerprint).is_file()
 
-    def _texts(self, store: FeatureStore, ids: pl.DataFrame, spec: SparseFieldConfig) -> list[str]:
+    def _texts(self, read: Callable[[str, str], pl.DataFrame], ids: pl.DataFrame, spec: SparseFieldConfig
+               ) -> list[str]:
+        """One text per row of `ids`: the field's columns joined; `read(table, column)` gives (sample_id,
+        column) of a source table, or raises ConfigError when it has no such column."""
         frame = ids
         names = []
         for number, source in enumerate(spec.columns):
             table, _, column = source.partition(".")
-            if column not in store.read_schema(table):
-                raise ConfigError(f"text_sparse field {source!r}: table {table} has no column {column!r}")
             name = f"_c{number}"
-            part = store.read(table, columns=["sample_id", column]).select(
-                "sample_id", pl.col(column).cast(pl.String).alias(name))
+            part = read(table, column).select("sample_id", pl.col(column).cast(pl.String).alias(name))
             frame = frame.join(part, on="sample_id", how="left", maintain_order="left")
             names.append(name)
         # A missing value becomes "": no token, so a missing category gets no column (not a "" category).
@@ -170,11 +175,15 @@ class TextSparseBuilder(FeatureBuilder):
         if not cfg.fields:
             raise ConfigError("text_sparse.fields is empty; configure at least one field or drop the builder")
         ids = ctx.store.read("items", columns=["sample_id"]).sort("sample_id")
-        texts = [self._texts(ctx.store, ids, spec) for spec in cfg.fields]
-        fitted = self._parent_vocabulary(ctx)
-        if fitted is None:
-            fitted = [FittedField.fit(spec, cfg.sublinear_tf, [t for t in field if t])
-                      for spec, field in zip(cfg.fields, texts, strict=True)]
+
+        def read(table: str, column: str) -> pl.DataFrame:
+            if column not in ctx.store.read_schema(table):
+                raise ConfigError(f"text_sparse field '{table}.{column}': table {table} has no column {column!r}")
+            return ctx.store.read(table, columns=["sample_id", column])
+
+        texts = [self._texts(read, ids, spec) for spec in cfg.fields]
+        fitted = [FittedField.fit(spec, cfg.sublinear_tf, [t for t in field if t])
+                  for spec, field in zip(cfg.fields, texts, strict=True)]
         blocks = [f.transform(field) for f, field in zip(fitted, texts, strict=True)]
         matrix = sp.hstack(blocks, format="csr", dtype=np.float32)
         offsets, start = [], 0
@@ -191,21 +200,33 @@ class TextSparseBuilder(FeatureBuilder):
         path = vocabulary_path(ctx.store, ctx.fingerprint)
         atomic_write_text(path, json.dumps(payload))
         extra = {"n_features": int(matrix.shape[1]), "nnz": int(matrix.nnz), "blocks": offsets,
-                 "vocabulary": str(path.relative_to(ctx.store.root)),
-                 "parent_vocabulary": ctx.parent is not None and self._parent_info(ctx) is not None,
-                 "min_df_fallbacks": fallbacks}
+                 "vocabulary": str(path.relative_to(ctx.store.root)), "min_df_fallbacks": fallbacks}
         return Built(csr_to_frame(ids["sample_id"], matrix), extra)
 
-    def _parent_info(self, ctx: BuildContext) -> Any:
-        if ctx.parent is None:
-            return None
-        info = ctx.parent.info(TABLE)
-        return info if info is not None and info.params == self.params() else None
+    supports_online = True
 
-    def _parent_vocabulary(self, ctx: BuildContext) -> list[FittedField] | None:
-        """In a derived store (`predict`): the training store's vocabulary, so columns keep their meaning."""
-        info = self._parent_info(ctx)
-        if info is None:
-            return None
-        payload = json.loads((ctx.parent.root / info.extra["vocabulary"]).read_text())  # type: ignore[union-attr]
-        return [FittedField.from_json(block, payload["sublinear_tf"]) for block in payload["fields"]]
+    def online_state(self, trained: FeatureStore, threads: int) -> list[FittedField]:
+        """The trained store's vocabulary: column i means the term the stored models learnt for it."""
+        info = trained.info(TABLE)
+        if info is None or info.params != self.params():
+            raise StaleTable(f"{TABLE} in {trained.root} was built with other settings than the config holds; run "
+                             "`python cli.py build-features && python cli.py stack`")
+        return _vocabulary(trained, info)
+
+    def online(self, state: list[FittedField], rows: OnlineRows) -> pl.DataFrame:
+        ids = rows.tables["items"].select("sample_id")
+
+        def read(table: str, column: str) -> pl.DataFrame:
+            frame = rows.tables[table]
+            if column not in frame.columns:
+                raise ConfigError(f"text_sparse field '{table}.{column}': table {table} has no column {column!r}")
+            return frame.select("sample_id", column)
+
+        texts = [self._texts(read, ids, field.spec) for field in state]
+        blocks = [field.transform(text) for field, text in zip(state, texts, strict=True)]
+        return csr_to_frame(ids["sample_id"], sp.hstack(blocks, format="csr", dtype=np.float32))
+
+
+def _vocabulary(store: FeatureStore, info: Any) -> list[FittedField]:
+    payload = json.loads((store.root / info.extra["vocabulary"]).read_text())
+    return [FittedField.from_json(block, payload["sublinear_tf"]) for block in payload["fields"]]

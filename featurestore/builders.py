@@ -34,15 +34,23 @@ class BuildContext:
     progress: bool = True
     # Set by the runner for the build in progress: builders key their resumable scratch files on it.
     fingerprint: str = ""
-    # A store whose row-wise tables (embeddings) may be reused for unchanged rows: `predict` derives its store
-    # from the training store this way.
-    parent: FeatureStore | None = None
     # Where the builders' loops run ([engine]); one per command, made from the config when not given.
     engine: Engine = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.engine is None:
             self.engine = engine_for(self.config)
+
+
+@dataclass
+class OnlineRows:
+    """New rows on their way through the builders' online paths (pipeline.online): the raw rows as given (the
+    data file's columns), where they came from (named in errors: a file, or "request"), and the tables computed
+    for them so far."""
+
+    raw: pl.DataFrame
+    source: str
+    tables: dict[str, pl.DataFrame] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,6 +168,20 @@ class FeatureBuilder(ABC):
     def artifacts_ok(self, store: FeatureStore, fingerprint: str) -> bool:
         """Files a build writes beside its table (saved models); a fresh table without them is rebuilt."""
         return True
+
+    # -- new rows without a store (pipeline.online: `predict`, `serve`) ---------------------------------------
+    # `online_state(trained, threads)` loads, once, what pricing new rows needs from the trained store (a vocabulary, an
+    # encoder, the training rows' vectors and prices). `online(state, rows)` returns this table's rows for the
+    # new rows only, given their tables computed so far (`rows.tables`, in build order; "items" first). A new
+    # row's values must be what `build` gives a test row, and must not depend on the other new rows: a price
+    # never moves with its batch-mates. Builders without an online path leave `supports_online` False.
+    supports_online: ClassVar[bool] = False
+
+    def online_state(self, trained: FeatureStore, threads: int) -> Any:
+        return None
+
+    def online(self, state: Any, rows: OnlineRows) -> pl.DataFrame:
+        raise NotImplementedError(f"{type(self).__name__} has no online path")
 
 
 def fingerprint_inputs(builder: FeatureBuilder, store: FeatureStore,

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from featurestore.errors import ConfigError, MissingTable, StaleTable
 from featurestore.names import FOLDS, ITEMS, feature_table_problem, label_column_problem
-from featurestore.sparse import is_sparse_table, read_sparse, sparse_width
+from featurestore.sparse import frame_to_csr, is_sparse_table, read_sparse, sparse_width
 from featurestore.store import FeatureStore, quote_ident
 from models.base import Inputs
 
@@ -228,3 +228,31 @@ def cap_sparse_columns(spec: MatrixSpec, store: FeatureStore, train_ids: np.ndar
 def feature_inputs(store: FeatureStore, spec: MatrixSpec, frame: pl.DataFrame) -> Inputs:
     """The learner's Inputs for `frame`'s rows: dense block from the frame, sparse block from the store."""
     return Inputs(transform(spec, frame), sparse_block(store, spec, frame["sample_id"].to_numpy()))
+
+
+def online_inputs(spec: MatrixSpec, tables: dict[str, pl.DataFrame]) -> Inputs:
+    """The learner's Inputs for new rows whose tables are in memory (pipeline.online), in the order of
+    `tables["items"]`: the columns `load_frame` + `feature_inputs` give from a store (same names, same spec)."""
+    items = tables[ITEMS]
+    frame = items.select("sample_id")
+    for table in spec.tables:
+        if table in spec.sparse:
+            continue
+        part = tables[table]
+        leaked = [c for c in part.columns if label_column_problem(c)]
+        if leaked:
+            raise ConfigError(f"table {table} holds {leaked}, the target or the fold plan; a feature table must not")
+        frame = frame.join(part.rename({c: f"{table}.{c}" for c in part.columns if c != "sample_id"}),
+                           on="sample_id", how="left", maintain_order="left")
+    if frame.height != items.height:
+        raise StaleTable(f"joining {spec.tables} onto {items.height} new rows gave {frame.height}: a table repeats ids")
+    sparse = None
+    if spec.sparse:
+        blocks = []
+        for table, width in spec.sparse.items():
+            rows = items.select("sample_id").join(tables[table], on="sample_id", how="left", maintain_order="left")
+            block = frame_to_csr(rows, width)
+            blocks.append(block[:, spec.sparse_columns[table]] if table in spec.sparse_columns else block)
+        sparse = sp.hstack(blocks, format="csr", dtype=np.float32) if len(blocks) > 1 else blocks[0]
+    text = items["text"].fill_null("").to_numpy().astype(object) if "text" in items.columns else None
+    return Inputs(transform(spec, frame), sparse, text=text)

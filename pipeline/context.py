@@ -8,6 +8,7 @@ pattern). `cli.py` is a thin shell over it: each command parses its flags, calls
     record = ctx.stack(trials=20)                   # trains stale learners first; -> StackRecord
     ctx.sql("SELECT count(*) AS n FROM catalog")    # -> polars DataFrame (read-only, like `cli.py sql`)
     ctx.predict(new_rows)                           # polars DataFrame in the data columns -> sample_id, price
+                                                    # (nothing written; what `predict` and `serve` give)
 
 Errors are the CLI's typed errors (featurestore.errors: ConfigError, InputError, MissingTable, StaleTable, ...);
 the CLI turns them into one red line. Commands that write hold the store's writer lock for their whole run, as
@@ -16,7 +17,6 @@ the CLI's do; reading commands never create a store.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +29,7 @@ from featurestore.config import Config, edited, load_config
 from featurestore.errors import UserError
 from featurestore.lock import writer_lock
 from featurestore.store import FeatureStore
+from pipeline.online import Predictor
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -62,6 +63,7 @@ class Context:
                  progress: bool = False, learners: bool = True) -> None:
         self.config = open_config(config, overrides, learners)
         self.progress = progress
+        self._predictor: Predictor | None = None
 
     @property
     def root(self) -> Path:
@@ -73,7 +75,9 @@ class Context:
 
     @contextmanager
     def writing(self, command: str) -> Iterator[FeatureStore]:
-        """The store (made when missing), holding its writer lock for the whole block."""
+        """The store (made when missing), holding its writer lock for the whole block. A loaded predictor is
+        dropped: what it loaded may be rebuilt."""
+        self._predictor = None
         with writer_lock(self.root.resolve(), command):
             yield FeatureStore(self.root)
 
@@ -125,21 +129,24 @@ class Context:
         input_path, out = Path(input_path), Path(out)
         if not input_path.is_file():
             raise UserError(f"--input {input_path}: file not found")
-        self.store()  # the store must exist: predict never makes one
-        # The writer lock: predict builds its derived store inside this one and must not meet a retrain halfway.
-        with self.writing("predict") as store:
+        store = self.store()  # the store must exist: predict never makes one
+        # The writer lock: loading the models must not meet a retrain halfway (predict itself writes nothing).
+        with writer_lock(self.root.resolve(), "predict"):
             return predict_file(self.config, store, input_path, out, progress=self.progress)
 
-    def predict(self, rows: pl.DataFrame) -> pl.DataFrame:
-        """Price new rows given as a frame in the data file's columns (as `predict --input` reads them): the same
-        path as `predict_file`, so the prices are the CLI's for the same rows."""
+    def predictor(self) -> Predictor:
+        """The loaded stack (pipeline.online), kept for the next calls; a verb that retrains drops it."""
+        if self._predictor is None:
+            self._predictor = Predictor(self.config, self.store())
+        return self._predictor
+
+    def predict(self, rows: pl.DataFrame, learners: bool = False) -> pl.DataFrame:
+        """Price new rows given as a frame in the data file's columns (as `predict --input` reads them), nothing
+        written: the path `predict` and `serve` take, so the prices are theirs for the same rows. `learners`:
+        each base learner's price too."""
         if not isinstance(rows, pl.DataFrame):
             raise UserError(f"predict takes a polars DataFrame of new rows; got {type(rows).__name__}")
-        with tempfile.TemporaryDirectory(prefix="pricestack-predict-") as tmp:
-            # A fixed name: the derived store is keyed by the file's name and content, so the same rows reuse it.
-            path = Path(tmp) / "rows.parquet"
-            rows.write_parquet(path)
-            return self.predict_file(path, Path(tmp) / "prices.parquet")
+        return self.predictor().predict(rows, "rows", learners=learners)
 
     def sql(self, query: str, limit: int | None = None) -> pl.DataFrame:
         """Read-only SQL over the store's tables (the `sql` command's guard and sandbox)."""

@@ -159,53 +159,51 @@ def test_image_embeddings_with_fallbacks(tmp_path: Path, real_train: pl.DataFram
     assert n == len(names) and share == pytest.approx(0.4)
 
 
-def test_derived_store_embeds_only_new_rows(tmp_path: Path, real_train: pl.DataFrame, real_test: pl.DataFrame,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """`predict` derives a store from the training store: unchanged rows keep their vectors bit for bit and
-    only the new rows reach the model."""
-    config = _text_config(tmp_path / "a", real_train, rows=12)
-    parent = _run(config, ["items", "text_emb"])
-    derived_config = make_config(tmp_path / "b", real_train.head(12), real_test.head(3), **{
-        "text_embeddings.models": ["minilm"], "text_embeddings.batch_size": 4, "text_embeddings.flush_every": 1,
-        "text_embeddings.max_seq_length": 64})
+def test_a_rebuild_embeds_only_new_rows(tmp_path: Path, real_train: pl.DataFrame, real_test: pl.DataFrame,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that gains test rows (a new test file): unchanged rows keep their vectors bit for bit and only the
+    new rows reach the model."""
+    settings = {"text_embeddings.models": ["minilm"], "text_embeddings.batch_size": 4,
+                "text_embeddings.flush_every": 1, "text_embeddings.max_seq_length": 64}
+    first = make_config(tmp_path, real_train.head(12), None, **settings)
+    store = _run(first, ["items", "text_emb"])
+    old = store.read("text_emb__minilm").sort("sample_id")
+    again = make_config(tmp_path, real_train.head(12), real_test.head(3), **settings)
     import embeddings.text as text_module
 
     encoded: list[str] = []
     original = text_module.encode
     monkeypatch.setattr(text_module, "encode", lambda model, texts, *a: encoded.extend(texts) or original(
         model, texts, *a))
-    derived = FeatureStore(derived_config.store.dir)
-    run_builders(BuildContext(derived, derived_config, progress=False, parent=parent),
-                 builders_for(derived_config, ["items", "text_emb"]))
+    run_builders(BuildContext(store, again, progress=False), builders_for(again, ["items", "text_emb"]))
     assert sorted(encoded) == sorted(real_test.head(3)["catalog_content"].to_list())
-    old = parent.read("text_emb__minilm").sort("sample_id")
-    new = derived.read("text_emb__minilm").join(old.select("sample_id"), on="sample_id").sort("sample_id")
+    new = store.read("text_emb__minilm").join(old.select("sample_id"), on="sample_id").sort("sample_id")
     assert old.equals(new)
-    assert derived.info("text_emb__minilm").extra["rows_reused"] == 12
+    assert store.info("text_emb__minilm").extra["rows_reused"] == 12
 
 
 def test_a_predict_rows_vector_does_not_depend_on_the_other_new_rows(tmp_path: Path, real_train: pl.DataFrame,
                                                                      real_test: pl.DataFrame) -> None:
-    """Audit case (issue 22): a derived store encoded its new rows in batches sorted by length and id, and with
-    int8 ONNX a vector depends on its batch-mates, so a row's price moved with the other rows of the `predict`
-    file. New rows are now encoded one per batch: two files sharing rows give those rows identical vectors.
-    Control: the same rows encoded in batches of 4 with other batch-mates do differ."""
-    from embeddings.text import encode, load_sentence_model
+    """Audit case (issue 22): new rows were encoded in batches sorted by length and id, and with int8 ONNX a
+    vector depends on its batch-mates, so a row's price moved with the other rows of the `predict` file. The
+    online path (pipeline.online) encodes new rows one per batch: two requests sharing rows give those rows
+    identical vectors. Control: the same rows encoded in batches of 4 with other batch-mates do differ."""
+    from embeddings.text import TextEmbeddingBuilder, encode, load_sentence_model
+    from featurestore.builders import OnlineRows
 
     settings = {"text_embeddings.models": ["minilm"], "text_embeddings.batch_size": 4,
                 "text_embeddings.flush_every": 1, "text_embeddings.max_seq_length": 64}
-    parent = _run(_text_config(tmp_path / "a", real_train, rows=8), ["items", "text_emb"])
+    trained = _run(_text_config(tmp_path / "a", real_train, rows=8, **settings), ["items", "text_emb"])
+    builder = TextEmbeddingBuilder(make_config(tmp_path / "b", real_train.head(8), None, **settings), "minilm")
+    state = builder.online_state(trained, 1)
 
-    def vectors(name: str, test: pl.DataFrame) -> pl.DataFrame:
-        config = make_config(tmp_path / name, real_train.head(8), test, **settings)
-        store = FeatureStore(config.store.dir)
-        run_builders(BuildContext(store, config, progress=False, parent=parent),
-                     builders_for(config, ["items", "text_emb"]))
-        return store.read("text_emb__minilm")
+    def vectors(rows: pl.DataFrame) -> pl.DataFrame:
+        items = rows.select(pl.col("sample_id"), pl.col("catalog_content").alias("text"))
+        return builder.online(state, OnlineRows(rows, "request", {"items": items}))
 
     shared = real_test.slice(3, 2)["sample_id"]
-    first = vectors("b", real_test.slice(0, 5)).filter(pl.col("sample_id").is_in(shared.to_list())).sort("sample_id")
-    second = vectors("c", real_test.slice(3, 6)).filter(pl.col("sample_id").is_in(shared.to_list())).sort("sample_id")
+    first = vectors(real_test.slice(0, 5)).filter(pl.col("sample_id").is_in(shared.to_list())).sort("sample_id")
+    second = vectors(real_test.slice(3, 6)).filter(pl.col("sample_id").is_in(shared.to_list())).sort("sample_id")
     assert first.height == 2 and first.equals(second)
 
     config = _text_config(tmp_path / "d", real_train, rows=8, **settings)

@@ -15,18 +15,18 @@ import pytest
 
 from features.ingest import IngestError
 from features.target_encoding import encode_column
-from featurestore.builders import BuildContext, run_builders
+from featurestore.builders import BuildContext, OnlineRows, run_builders
 from featurestore.config import Config, thawed
 from featurestore.errors import StaleTable
 from featurestore.sparse import sparse_width
 from featurestore.store import FeatureStore
 from models.base import Inputs
-from models.inference import predict_saved
 from models.matrix import MatrixSpec, feature_inputs, fit_spec, item_texts, load_frame, split_tables
 from models.metrics import best_constant, smape
 from models.registry import LEARNERS, learner_class
 from models.train import cross_fit, make_learner
-from pipeline.predict import predict_file, prediction_store_dir
+from pipeline.online import Predictor
+from pipeline.predict import predict_file
 from pipeline.registry import builders_for
 from pipeline.run import train_and_stack
 from stacking.inputs import StackInputs, meta_frame, stack_inputs
@@ -57,9 +57,9 @@ def fast_config(tmp_path: Path, train: pl.DataFrame, test: pl.DataFrame | None, 
     return make_config(tmp_path, train, test, **{**FAST, **extra})
 
 
-def build(config: Config, parent: FeatureStore | None = None) -> FeatureStore:
+def build(config: Config) -> FeatureStore:
     store = FeatureStore(config.store.dir)
-    run_builders(BuildContext(store, config, progress=False, parent=parent), builders_for(config))
+    run_builders(BuildContext(store, config, progress=False), builders_for(config))
     return store
 
 
@@ -227,18 +227,26 @@ def test_same_seed_gives_identical_predictions(stacked, tmp_path: Path) -> None:
 
 
 def test_predict_reproduces_test_time_features_and_predictions(stacked, tmp_path: Path) -> None:
+    """The store's own test rows, priced as new rows (pipeline.online): every builder's online table equals the
+    stored test rows' table, every learner's prediction and the stack's price equal the stored ones, bit for bit
+    (this config has no batch-dependent encoder)."""
     config, store, _ = stacked
     out = tmp_path / "pred.csv"
     predicted = predict_file(config, store, Path(config.data.test), out, progress=False)
-    derived = FeatureStore(prediction_store_dir(store, Path(config.data.test)))
+    predictor = Predictor(config, store)
+    raw = pl.read_parquet(config.data.test)
+    rows = OnlineRows(raw, "test")
+    for builder in predictor.builders:
+        rows.tables[builder.table] = builder.online(predictor.states[builder.table], rows)
     test_ids = store.read("items").filter(pl.col("split") == "test").select("sample_id")
-    for table in ["catalog", "target_enc"]:
+    for table in ["items", "catalog", "target_enc", "text_sparse"]:
         mine = test_ids.join(store.read(table), on="sample_id").sort("sample_id")
-        theirs = test_ids.join(derived.read(table), on="sample_id").sort("sample_id")
-        assert mine.equals(theirs), f"{table}: predict computed other test-time features"
+        theirs = rows.tables[table].sort("sample_id")
+        assert mine.equals(theirs.select(mine.columns)), f"{table}: predict computed other test-time features"
+    with_learners = predictor.predict(raw, learners=True).sort("sample_id")
     for name in config.models.learners:
-        stored = store.read(f"oof__{name}").filter(pl.col("fold") == -1).select("sample_id", "pred").sort("sample_id")
-        assert stored.equals(predict_saved(derived, store, config, name).select("sample_id", "pred"))
+        stored = store.read(f"oof__{name}").filter(pl.col("fold") == -1).sort("sample_id")
+        assert stored["pred_price"].equals(with_learners[f"pred_{name}"].alias("pred_price")), name
     assert predicted.sort("sample_id").equals(store.read("predictions").sort("sample_id"))
     assert pl.read_csv(out).height == predicted.height
 
@@ -248,6 +256,12 @@ def test_predict_reproduces_test_time_features_and_predictions(stacked, tmp_path
     few = predict_file(config, store, subset, tmp_path / "few.csv", progress=False)
     assert few.sort("sample_id").equals(store.read("predictions").join(few.select("sample_id"), on="sample_id")
                                         .sort("sample_id"))
+    # ...and one row at a time.
+    for row in range(3):
+        one = predictor.predict(raw.slice(row, 1))
+        assert one.equals(predicted.filter(pl.col("sample_id") == one["sample_id"][0]))
+    # Nothing was written to the store: no derived store, no table.
+    assert not (store.root / "predict").exists()
 
 
 def test_predict_refuses_training_ids(stacked, tmp_path: Path) -> None:
@@ -256,7 +270,7 @@ def test_predict_refuses_training_ids(stacked, tmp_path: Path) -> None:
     pl.read_parquet(config.data.train).head(3).drop("price").write_parquet(rows)
     with pytest.raises(IngestError, match="sample_id"):
         predict_file(config, store, rows, tmp_path / "x.csv", progress=False)
-    assert not prediction_store_dir(store, rows).exists()  # audit case: rejected inputs piled up stores
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_predict_refuses_a_stack_whose_inputs_changed(stacked, tmp_path: Path) -> None:

@@ -61,18 +61,24 @@ def test_sparse_table_round_trips_and_is_sql_readable(tmp_path: Path, real_train
     assert str(stored.nnz) in out.stdout
 
 
-def test_derived_store_keeps_the_training_vocabulary(tmp_path: Path, real_train, real_test) -> None:
+def test_new_rows_get_the_training_vocabulary_and_their_stored_rows(tmp_path: Path, real_train, real_test) -> None:
+    """The online path (new rows: `predict`, `serve`) transforms with the stored vocabulary: the store's own test
+    rows come out exactly as stored, whatever rows they are sent with."""
+    from features.text_sparse import TextSparseBuilder
+    from featurestore.builders import OnlineRows
+
     config = _sparse_config(tmp_path, real_train, real_test)
     store = FeatureStore(config.store.dir)
     run_builders(BuildContext(store, config, progress=False), builders_for(config))
-    derived_config = make_config(tmp_path / "d", real_train.head(120), real_test.tail(7), **{
-        "catalog.use_spacy": False, "folds.k": 4, "folds.price_bands": 4,
-        "builders": ["items", "folds", "catalog", "text_sparse"]})
-    derived = FeatureStore(derived_config.store.dir)
-    run_builders(BuildContext(derived, derived_config, progress=False, parent=store), builders_for(derived_config))
-    assert derived.info("text_sparse").extra["n_features"] == store.info("text_sparse").extra["n_features"]
-    train_ids = store.read("items").filter(pl.col("split") == "train")["sample_id"].to_numpy()
-    assert (read_sparse(store, "text_sparse", train_ids) != read_sparse(derived, "text_sparse", train_ids)).nnz == 0
+    builder = TextSparseBuilder(config)
+    state = builder.online_state(store, 1)
+    width = store.info("text_sparse").extra["n_features"]
+    test_ids = store.read("items").filter(pl.col("split") == "test")["sample_id"].to_numpy()
+    for ids in (test_ids, test_ids[-3:]):
+        tables = {t: store.read(t).filter(pl.col("sample_id").is_in(ids.tolist())) for t in ("items", "catalog")}
+        online = builder.online(state, OnlineRows(tables["items"], "request", tables))
+        order = pl.DataFrame({"sample_id": ids}).join(online, on="sample_id", how="left", maintain_order="left")
+        assert (frame_to_csr(order, width) != read_sparse(store, "text_sparse", ids)).nnz == 0
 
 
 NEVER_DENSIFY = """
