@@ -29,11 +29,11 @@ from featurestore.config import Config, edited, load_config
 from featurestore.errors import UserError
 from featurestore.lock import writer_lock
 from featurestore.store import FeatureStore
-from pipeline.online import Predictor
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from pipeline.online import Predictor
     from stacking.record import StackRecord
 
 DEFAULT_CONFIG = Path("configs/default.toml")
@@ -136,6 +136,9 @@ class Context:
 
     def predictor(self) -> Predictor:
         """The loaded stack (pipeline.online), kept for the next calls; a verb that retrains drops it."""
+        # Imported here: the learners' libraries (torch, LightGBM, ...) load only for commands that predict.
+        from pipeline.online import Predictor
+
         if self._predictor is None:
             self._predictor = Predictor(self.config, self.store())
         return self._predictor

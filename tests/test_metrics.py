@@ -79,7 +79,9 @@ def test_a_learner_fit_for_mape_moves_below_the_median_and_one_fit_for_l2_above(
 
 def test_the_stack_is_chosen_by_the_configured_metric() -> None:
     """Two base learners: one predicts the median (SMAPE's pick), one the 1/y-weighted median (MAPE's). The
-    stack's `single` candidate and its reported scores follow task.metric."""
+    stack's `single` candidate, its `constant` candidate and its reported scores follow task.metric: under the
+    lowest-score rule `single` takes the metric's learner; under the default rule the simpler `constant` (as
+    good here: both learners are constants) sits at the metric's own optimum."""
     from stacking.inputs import StackInputs
     from stacking.levels import run_levels
 
@@ -90,14 +92,19 @@ def test_the_stack_is_chosen_by_the_configured_metric() -> None:
     x = np.column_stack([np.full(n, np.log1p(np.exp(5.0))), np.full(n, np.log1p(weighted_median))])
     x = x + rng.normal(0, 0.01, x.shape)
     fold = np.arange(n) % 5
-    config = Config(stacking=StackingConfig(metas=[]))
-    chosen = {}
-    for name in ("smape", "mape"):
-        inputs = StackInputs(ids=np.arange(n), fold=fold, price=price, x=x, feature_names=["median", "low"],
-                             n_base=2, metric=name)
-        result = run_levels(inputs, config, 2, None, f"metric-{name}")
-        assert result.record.metric == name
-        assert result.record.stack_cv == pytest.approx(metric(name).score(price, np.expm1(result.meta_oof)))
-        chosen[name] = (result.final_name, result.final_meta.state())
-    assert chosen["smape"] == ("single", {"column": 0})
-    assert chosen["mape"] == ("single", {"column": 1})
+    chosen, level = {}, {}
+    for selection in ("lowest", "within_se"):
+        config = Config(stacking=StackingConfig(metas=[], selection=selection))
+        for name in ("smape", "mape"):
+            inputs = StackInputs(ids=np.arange(n), fold=fold, price=price, x=x, feature_names=["median", "low"],
+                                 n_base=2, metric=name)
+            result = run_levels(inputs, config, 3, None, f"metric-{name}-{selection}")
+            assert result.record.metric == name
+            assert result.record.stack_cv == pytest.approx(metric(name).score(price, np.expm1(result.meta_oof)))
+            chosen[selection, name] = (result.final_name, result.final_meta.state())
+            level[selection, name] = float(np.expm1(result.final_meta.predict(x[:1]))[0])
+    assert chosen["lowest", "smape"] == ("single", {"column": 0})
+    assert chosen["lowest", "mape"] == ("single", {"column": 1})
+    assert chosen["within_se", "smape"][0] == chosen["within_se", "mape"][0] == "constant"
+    assert abs(np.log(level["within_se", "smape"] / np.exp(5.0))) < 0.1
+    assert abs(np.log(level["within_se", "mape"] / weighted_median)) < 0.1
