@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.facts import run_facts  # noqa: E402
 from featurestore.config import load_config  # noqa: E402
 from featurestore.devices import threads  # noqa: E402
+from pipeline.serve import wait_until_up  # noqa: E402
 
 
 def _free_port() -> int:
@@ -106,15 +107,7 @@ def main() -> None:
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited at start-up: {' '.join(command)}")
-            time.sleep(0.2)
+        wait_until_up(url, server)
         startup = round(time.perf_counter() - started, 1)
         _load(url, records, 1, 20, 1)  # warm-up, not recorded
         result = {**run_facts({"server": f"models.threads = {config.models.threads} -> {threads(config)}",

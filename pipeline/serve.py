@@ -16,7 +16,9 @@ limit gets 413 before it is read whole. A request never writes to the store (not
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -165,6 +167,25 @@ def make_app(ctx: Context, max_body_bytes: int = 10 * 2**20) -> FastAPI:
         return fresh.version
 
     return app
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """Poll `GET /health` of a server `process` started until it answers 200 (for scripts and tests that start
+    one); an exited process or a timeout is an error. Needs httpx (the `dev` extra)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"the server at {url} exited at start-up (code {process.returncode})")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server at {url} did not answer /health within {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 def serve(ctx: Context, host: str, port: int, max_body_mb: float) -> None:

@@ -175,8 +175,9 @@ def _online(builder: FeatureBuilder, state: object, store: FeatureStore, ids: li
 def test_online_rows_are_what_build_gives_a_test_row_whatever_their_batch_mates(built, table: str) -> None:
     """New rows (pipeline.online: `predict`, `serve`) get what `build` gave the store's own test rows, from the
     same inputs: exactly, except encoder vectors (the store encoded its test rows in batches, new rows go one at a
-    time; with int8 ONNX MiniLM that moved them to cosine 0.989-0.996 here: > 0.98 is required). A row's values do not depend on the rows sent with it: three test rows alone equal
-    the same rows sent with the other seven, bit for bit. Built-in builders must have an online path."""
+    time; with int8 ONNX MiniLM that moved them to cosine 0.989-0.996 here: > 0.98 is required). A row's values
+    do not depend on the rows sent with it: three test rows alone equal the same rows sent with the other seven,
+    bit for bit. Built-in builders must have an online path."""
     config, store = built
     builder = _builder(config, table)
     if not builder.supports_online:

@@ -20,6 +20,7 @@ import pytest
 from featurestore.config import load_config
 from pipeline.predict import predict_file
 from pipeline.run import train_and_stack
+from pipeline.serve import wait_until_up
 from tests.conftest import ROOT, SAMPLE
 from tests.test_models import FAST, build
 
@@ -57,16 +58,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(values), str(port)], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, "the server exited at start-up"
-        assert time.time() < deadline, "the server did not answer /health within 120 s"
-        time.sleep(0.3)
+    wait_until_up(url, proc)
     try:
         yield url, values, tmp
     finally:
