@@ -46,7 +46,8 @@ def worker(config_path: str | None, overrides: dict) -> dict:
     from featurestore.store import FeatureStore
     from pipeline.registry import builders_for
 
-    config = load_config(config_path, overrides)
+    # Ingest + catalog features only (the configs' later builders, embeddings included, have their own benchmarks).
+    config = load_config(config_path, {"builders": ["items", "folds", "catalog"], **overrides})
     store = FeatureStore(config.store.dir)
     timings = {}
     for name in config.builders:
