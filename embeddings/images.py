@@ -277,11 +277,7 @@ class ImageEmbeddingBuilder(FeatureBuilder):
                 return self._built(reused.sort("sample_id"), reused.height)
         # Paths relative to the store resolve against it on the worker: a multi-node cluster needs the store and
         # the image folder on a filesystem every node mounts at the same path (README, "On a cluster").
-        # What the worker's encoder reads, its device resolved here, not on the worker (see the text builder).
-        unit = ImageConfig(**{k: getattr(icfg, k) for k in ("encoder", "model", "pretrained", "max_file_bytes",
-                                                             "max_pixels")},
-                           device=resolve_device(icfg.device, "images.device"))
-        encoder = (ImageEncoder, (unit, str(ctx.store.root), icfg.batch_size))
+        encoder = (ImageEncoder, (self._unit(), str(ctx.store.root), icfg.batch_size))
         scratch = scratch_for(ctx.store, self.table, ctx.fingerprint)
         table, run = run_in_parts(files, icfg.batch_size * 8, scratch, ctx.engine, "embed", encoder, self.table,
                                   ctx.progress)
@@ -295,14 +291,18 @@ class ImageEmbeddingBuilder(FeatureBuilder):
     def online_state(self, trained: FeatureStore, threads: int) -> ImageEncoder:
         """The encoder, loaded once; one image per batch, so no new row's vector depends on its batch-mates (see
         the text builder)."""
-        icfg = self.config.images
-        unit = ImageConfig(**{k: getattr(icfg, k) for k in ("encoder", "model", "pretrained", "max_file_bytes",
-                                                             "max_pixels")},
-                           device=resolve_device(icfg.device, "images.device"))
-        return ImageEncoder(unit, str(trained.root), 1, threads)
+        return ImageEncoder(self._unit(), str(trained.root), 1, threads)
 
     def online(self, state: ImageEncoder, rows: OnlineRows) -> pl.DataFrame:
         return state(rows.tables["image_files"].select("sample_id", "path"))[0]
+
+    def _unit(self) -> ImageConfig:
+        """What an encoder reads, its device resolved here, where the fingerprint hashed it (not on a worker: see
+        the text builder)."""
+        icfg = self.config.images
+        return ImageConfig(**{k: getattr(icfg, k) for k in ("encoder", "model", "pretrained", "max_file_bytes",
+                                                            "max_pixels")},
+                           device=resolve_device(icfg.device, "images.device"))
 
     def _built(self, table: pl.DataFrame, rows_reused: int, run: dict[str, Any] | None = None) -> Built:
         return Built(table, {"encoder": self.config.images.encoder, "dim": table.schema["embedding"].size,

@@ -14,6 +14,7 @@ import hashlib
 import os
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,12 +54,16 @@ def make_index(dim: int, kind: str, n_train: int) -> faiss.Index:
     return index
 
 
-def search(base: np.ndarray, queries: np.ndarray, k: int, kind: str = "flat") -> tuple[np.ndarray, np.ndarray]:
+def build_index(base: np.ndarray, kind: str) -> faiss.Index:
     index = make_index(base.shape[1], kind, len(base))
     if not index.is_trained:
         index.train(base)
     index.add(base)
-    return index.search(queries, min(k, len(base)))
+    return index
+
+
+def search(base: np.ndarray, queries: np.ndarray, k: int, kind: str = "flat") -> tuple[np.ndarray, np.ndarray]:
+    return build_index(base, kind).search(queries, min(k, len(base)))
 
 
 def neighbour_stats(
@@ -193,23 +198,30 @@ class KnnBuilder(FeatureBuilder):
             if not table["sample_id"].equals(frame["sample_id"]):
                 raise StaleTable(f"{name} does not cover the same rows as items; rebuild it")
             parts.append(_normalised(table))
-        vectors = np.ascontiguousarray(np.hstack(parts) / np.sqrt(len(parts)), dtype=np.float32)
-        keys: list[np.ndarray] = []
-        if self.config.knn.exclude_duplicates:
-            keys.append(_hash(frame["text"].to_list()))
-            if "image_files" in self.inputs:
-                files = frame.select("sample_id").join(ctx.store.read("image_files", columns=["sample_id", "sha256"]),
-                                                       on="sample_id", how="left")
-                keys.append(np.array(files["sha256"].to_list(), dtype=object))
+        vectors = self._vectors(parts)
+        keys = self._keys(frame, lambda: ctx.store.read("image_files", columns=["sample_id", "sha256"]))
         columns = knn_features(frame["sample_id"].to_numpy(), vectors, np.log1p(frame["price"].to_numpy()),
                                frame["fold"].to_numpy(), keys, self.config.knn.ks, short_name(self.space),
                                self.config.knn.index, ctx.engine)
         return Built(frame.select("sample_id").with_columns(**{k: pl.Series(v) for k, v in columns.items()}),
                      {"engine": ctx.engine.record("knn")})
 
-    def _vectors(self, tables: list[pl.DataFrame]) -> np.ndarray:
-        return np.ascontiguousarray(np.hstack([_normalised(t) for t in tables]) / np.sqrt(len(tables)),
-                                    dtype=np.float32)
+    @staticmethod
+    def _vectors(parts: list[np.ndarray]) -> np.ndarray:
+        """The space's vectors: each table's normalised vectors side by side, scaled so their norm is 1."""
+        return np.ascontiguousarray(np.hstack(parts) / np.sqrt(len(parts)), dtype=np.float32)
+
+    def _keys(self, frame: pl.DataFrame, image_files: Callable[[], pl.DataFrame]) -> list[np.ndarray]:
+        """Per row of `frame` (sample_id, text): the keys a neighbour must not share (text hash, image file hash),
+        when knn.exclude_duplicates; `image_files` gives (sample_id, sha256)."""
+        keys: list[np.ndarray] = []
+        if self.config.knn.exclude_duplicates:
+            keys.append(_hash(frame["text"].to_list()))
+            if "image_files" in self.inputs:
+                files = frame.select("sample_id").join(image_files(), on="sample_id", how="left",
+                                                       maintain_order="left")
+                keys.append(np.array(files["sha256"].to_list(), dtype=object))
+        return keys
 
     supports_online = True
 
@@ -223,40 +235,22 @@ class KnnBuilder(FeatureBuilder):
                                                    on="sample_id", how="left", maintain_order="left")
             if table["embedding"].null_count():
                 raise StaleTable(f"{name} does not cover the training rows of items; rebuild it")
-            tables.append(table)
+            tables.append(_normalised(table))
         vectors = self._vectors(tables)
-        keys: list[np.ndarray] = []
-        if self.config.knn.exclude_duplicates:
-            keys.append(_hash(frame["text"].to_list()))
-            if "image_files" in self.inputs:
-                files = frame.select("sample_id").join(trained.read("image_files", columns=["sample_id", "sha256"]),
-                                                       on="sample_id", how="left", maintain_order="left")
-                keys.append(np.array(files["sha256"].to_list(), dtype=object))
-        fold = frame["fold"].to_numpy()
-        indexes = []
+        keys = self._keys(frame, lambda: trained.read("image_files", columns=["sample_id", "sha256"]))
         faiss.omp_set_num_threads(threads)
-        for _, _, base_rows in fold_plan(fold):
-            index = make_index(vectors.shape[1], self.config.knn.index, len(base_rows))
-            if not index.is_trained:
-                index.train(vectors[base_rows])
-            index.add(vectors[base_rows])
-            indexes.append((base_rows, index))
+        indexes = [(base_rows, build_index(vectors[base_rows], self.config.knn.index))
+                   for _, _, base_rows in fold_plan(frame["fold"].to_numpy())]
         ks = list(self.config.knn.ks)
         return _Online(frame["sample_id"].to_numpy(), np.log1p(frame["price"].to_numpy()), keys, indexes,
                        max(ks) + TIE_MARGIN + sum(_largest_group(k) for k in keys), ks, threads)
 
     def online(self, state: _Online, rows: OnlineRows) -> pl.DataFrame:
         items = rows.tables["items"]
-        queries = self._vectors([items.select("sample_id").join(rows.tables[name].select("sample_id", "embedding"),
-                                                                on="sample_id", how="left", maintain_order="left")
-                                 for name in self.tables])
-        keys: list[np.ndarray] = []
-        if self.config.knn.exclude_duplicates:
-            keys.append(_hash(items["text"].to_list()))
-            if "image_files" in self.inputs:
-                files = items.select("sample_id").join(rows.tables["image_files"].select("sample_id", "sha256"),
-                                                       on="sample_id", how="left", maintain_order="left")
-                keys.append(np.array(files["sha256"].to_list(), dtype=object))
+        queries = self._vectors([_normalised(items.select("sample_id").join(
+            rows.tables[name].select("sample_id", "embedding"), on="sample_id", how="left", maintain_order="left"))
+            for name in self.tables])
+        keys = self._keys(items, lambda: rows.tables["image_files"].select("sample_id", "sha256"))
         ids = items["sample_id"].to_numpy()
         mean: dict[str, FoldMean] = {}
         for base_rows, index in state.indexes:

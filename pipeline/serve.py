@@ -25,6 +25,7 @@ from typing import Any
 import polars as pl
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from featurestore.errors import MissingTable, StaleTable, UserError
 from featurestore.store import FeatureStore
@@ -127,8 +128,6 @@ def make_app(ctx: Context, max_body_bytes: int = 10 * 2**20) -> FastAPI:
     async def predict(request: Request) -> Response:
         frame, learners = _rows(await _json_body(request, max_body_bytes))
         current = served["current"]  # this request's model, whatever a reload does meanwhile
-        from starlette.concurrency import run_in_threadpool
-
         out = await run_in_threadpool(current.predictor.predict, frame, "request", learners)
         rows = []
         for row in out.iter_rows(named=True):
