@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 import polars as pl
 
-from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
+from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows, in_row_order
 from featurestore.config import Config
 from featurestore.engine import Engine, LocalEngine
 from featurestore.errors import ConfigError, StaleTable
@@ -31,6 +31,9 @@ from featurestore.names import knn_space_name, knn_table
 from featurestore.store import FeatureStore
 
 TIE_MARGIN = 16  # extra neighbours fetched so ties at the k-th place can be broken by id
+# Online, one search over all training rows fetches this many times a fold's `k`: with five folds, about
+# 0.8 of them are any fold's fitting rows, so all but rows whose neighbours crowd into one fold find k there.
+GLOBAL_FACTOR = 3
 
 
 def short_name(space: str) -> str:
@@ -226,8 +229,9 @@ class KnnBuilder(FeatureBuilder):
     supports_online = True
 
     def online_state(self, trained: FeatureStore, threads: int) -> _Online:
-        """The training rows' vectors, prices and duplicate keys, and one index per fold over that fold's fitting
-        rows, built once (a test row queries each fold's fitting rows and averages, as in `build`)."""
+        """The training rows' vectors, prices and duplicate keys, one index over all of them and one per fold over
+        that fold's fitting rows, built once (a test row's neighbours are each fold's fitting rows', averaged over
+        folds, as in `build`)."""
         frame = items_with_folds(trained, ["sample_id", "text", "price"]).filter(pl.col("fold") >= 0)
         tables = []
         for name in self.tables:
@@ -239,27 +243,73 @@ class KnnBuilder(FeatureBuilder):
         vectors = self._vectors(tables)
         keys = self._keys(frame, lambda: trained.read("image_files", columns=["sample_id", "sha256"]))
         faiss.omp_set_num_threads(threads)
-        indexes = [(base_rows, build_index(vectors[base_rows], self.config.knn.index))
-                   for _, _, base_rows in fold_plan(frame["fold"].to_numpy())]
+        kind = self.config.knn.index
+        folds = fold_plan(frame["fold"].to_numpy())
         ks = list(self.config.knn.ks)
-        return _Online(frame["sample_id"].to_numpy(), np.log1p(frame["price"].to_numpy()), keys, indexes,
-                       max(ks) + TIE_MARGIN + sum(_largest_group(k) for k in keys), ks, threads)
+        k = max(ks) + TIE_MARGIN + sum(_largest_group(key) for key in keys)
+        return _Online(frame["sample_id"].to_numpy(), np.log1p(frame["price"].to_numpy()), keys,
+                       frame["fold"].to_numpy(), build_index(vectors, kind),
+                       [(fold, build_index(vectors[base_rows], kind), base_rows) for fold, _, base_rows in folds],
+                       k, GLOBAL_FACTOR * k, ks, threads)
 
     def online(self, state: _Online, rows: OnlineRows) -> pl.DataFrame:
         items = rows.tables["items"]
-        queries = self._vectors([_normalised(items.select("sample_id").join(
-            rows.tables[name].select("sample_id", "embedding"), on="sample_id", how="left", maintain_order="left"))
-            for name in self.tables])
+        queries = self._vectors([_normalised(in_row_order(items, rows.tables[name].select("sample_id", "embedding")))
+                                 for name in self.tables])
         keys = self._keys(items, lambda: rows.tables["image_files"].select("sample_id", "sha256"))
-        ids = items["sample_id"].to_numpy()
-        mean: dict[str, FoldMean] = {}
-        for base_rows, index in state.indexes:
-            sims, idx = _search_each(index, queries, min(state.k, len(base_rows)), state.threads)
-            stats = neighbour_stats(sims, idx, state.ids[base_rows], state.log_price[base_rows],
-                                    [k[base_rows] for k in state.keys], ids, keys, state.ks, short_name(self.space))
-            for name, values in stats.items():
-                mean.setdefault(name, FoldMean(len(ids))).add(values)
-        return items.select("sample_id").with_columns(**{k: pl.Series(m.mean()) for k, m in mean.items()})
+        means = online_stats(state, queries, items["sample_id"].to_numpy(), keys, short_name(self.space))
+        return items.select("sample_id").with_columns(**{k: pl.Series(v) for k, v in means.items()})
+
+
+def online_stats(state: _Online, queries: np.ndarray, ids: np.ndarray, keys: list[np.ndarray],
+                 prefix: str) -> dict[str, np.ndarray]:
+    """New rows' neighbour statistics: per fold, among that fold's fitting rows, then the mean over folds.
+
+    One search over every training row, then each fold's neighbours among its fitting rows: five times less
+    distance work than a search per fold (the first version), with the same result. Where the global list is too
+    short to be sure of a fold's first `k` (a row's neighbours crowd into one fold), that row searches the fold's
+    own index."""
+    sims, idx = _search_each(state.index, queries, min(state.k_global, len(state.ids)), state.threads)
+    mean: dict[str, FoldMean] = {}
+    for fold, index, base_rows in state.folds:
+        need = min(state.k, len(base_rows))
+        fold_sims, fold_idx, sure = _first_fitting(sims, idx, state.fold, fold, need)
+        unsure = np.flatnonzero(~sure)
+        if len(unsure) and need:
+            local_sims, local = _search_each(index, queries[unsure], need, state.threads)
+            fold_sims[unsure] = local_sims
+            fold_idx[unsure] = np.where(local >= 0, base_rows[np.maximum(local, 0)], -1)
+        stats = neighbour_stats(fold_sims, fold_idx, state.ids, state.log_price, state.keys, ids, keys, state.ks,
+                                prefix)
+        for name, values in stats.items():
+            mean.setdefault(name, FoldMean(len(ids))).add(values)
+    return {name: m.mean() for name, m in mean.items()}
+
+
+def _first_fitting(sims: np.ndarray, idx: np.ndarray, row_fold: np.ndarray, fold: int,
+                   need: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query, the first `need` neighbours in a global search (`idx` into all training rows) that are fitting
+    rows of `fold` (not in it): what a search of the fold's own index for `need` gives, since every row past the
+    list is at most as similar as its last. Also which rows are sure: not those whose list holds fewer than
+    `need` fitting rows, nor those whose need-th fitting one ties the list's last (a row past the list could tie
+    it too); those search the fold's index. (Ties at the need-th place may come out in another order than the
+    fold search's; the statistics read the first max(ks) of them, ordered by similarity then id.)"""
+    n = len(idx)
+    out_sims = np.full((n, need), -np.inf, dtype=sims.dtype)
+    out_idx = np.full((n, need), -1, dtype=idx.dtype)
+    sure = np.zeros(n, dtype=bool)
+    fitting_total = int((row_fold >= 0).sum() - (row_fold == fold).sum())
+    for row in range(n):
+        valid = np.flatnonzero(idx[row] >= 0)
+        fitting = valid[row_fold[idx[row, valid]] != fold]
+        if len(fitting) < need:
+            continue
+        take = fitting[:need]
+        out_sims[row] = sims[row, take]
+        out_idx[row] = idx[row, take]
+        sure[row] = (len(valid) < idx.shape[1] or len(fitting) == fitting_total
+                     or bool(sims[row, take[-1]] > sims[row, valid[-1]]))
+    return out_sims, out_idx, sure
 
 
 @dataclass
@@ -269,8 +319,11 @@ class _Online:
     ids: np.ndarray
     log_price: np.ndarray
     keys: list[np.ndarray]
-    indexes: list[tuple[np.ndarray, faiss.Index]]  # per fold: its fitting rows and an index over them
+    fold: np.ndarray  # each training row's fold
+    index: faiss.Index  # over every training row
+    folds: list[tuple[int, faiss.Index, np.ndarray]]  # per fold: an index over its fitting rows, and those rows
     k: int
+    k_global: int
     ks: list[int]
     threads: int
 

@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from featurestore.builders import in_row_order
 from featurestore.errors import ConfigError, MissingTable, StaleTable
 from featurestore.names import FOLDS, ITEMS, feature_table_problem, label_column_problem
 from featurestore.sparse import frame_to_csr, is_sparse_table, read_sparse, sparse_width
@@ -234,24 +235,22 @@ def online_inputs(spec: MatrixSpec, tables: dict[str, pl.DataFrame]) -> Inputs:
     """The learner's Inputs for new rows whose tables are in memory (pipeline.online), in the order of
     `tables["items"]`: the columns `load_frame` + `feature_inputs` give from a store (same names, same spec)."""
     items = tables[ITEMS]
-    frame = items.select("sample_id")
+    parts = [items.select("sample_id")]
     for table in spec.tables:
         if table in spec.sparse:
             continue
-        part = tables[table]
+        part = in_row_order(items, tables[table])
         leaked = [c for c in part.columns if label_column_problem(c)]
         if leaked:
             raise ConfigError(f"table {table} holds {leaked}, the target or the fold plan; a feature table must not")
-        frame = frame.join(part.rename({c: f"{table}.{c}" for c in part.columns if c != "sample_id"}),
-                           on="sample_id", how="left", maintain_order="left")
-    if frame.height != items.height:
-        raise StaleTable(f"joining {spec.tables} onto {items.height} new rows gave {frame.height}: a table repeats ids")
+        # Series renamed one by one: a frame-level rename runs a query per table per learner per request.
+        parts.append(pl.DataFrame([part[c].alias(f"{table}.{c}") for c in part.columns if c != "sample_id"]))
+    frame = pl.concat(parts, how="horizontal")
     sparse = None
     if spec.sparse:
         blocks = []
         for table, width in spec.sparse.items():
-            rows = items.select("sample_id").join(tables[table], on="sample_id", how="left", maintain_order="left")
-            block = frame_to_csr(rows, width)
+            block = frame_to_csr(in_row_order(items, tables[table]), width)
             blocks.append(block[:, spec.sparse_columns[table]] if table in spec.sparse_columns else block)
         sparse = sp.hstack(blocks, format="csr", dtype=np.float32) if len(blocks) > 1 else blocks[0]
     text = items["text"].fill_null("").to_numpy().astype(object) if "text" in items.columns else None

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from featurestore.builders import FeatureBuilder, OnlineRows
+from featurestore.builders import FeatureBuilder, OnlineRows, in_row_order
 from featurestore.config import Config
 from featurestore.devices import threads as config_threads
 from featurestore.errors import ConfigError, InputError, StaleTable
@@ -118,8 +118,8 @@ class Predictor:
             for builder in self.builders:
                 table = builder.online(self.states[builder.table], rows)
                 # Every table in the new rows' order ("items" sets it), one row each.
-                rows.tables[builder.table] = table if builder.table == "items" else rows.tables["items"].select(
-                    "sample_id").join(table, on="sample_id", how="left", maintain_order="left")
+                rows.tables[builder.table] = table if builder.table == "items" else in_row_order(
+                    rows.tables["items"], table)
             base = {learner.name: learner.predict_price(rows.tables) for learner in self.learners}
             x = np.column_stack([self._meta_column(name, base, rows.tables) for name in self.feature_names])
             price = np.clip(np.expm1(self.meta.predict(x)), 0.01, None)

@@ -35,11 +35,115 @@ from pipeline.online import Predictor
 MAX_SQL_ROWS = 10_000
 
 
+class _Job:
+    def __init__(self, frame: pl.DataFrame, learners: bool) -> None:
+        self.frame, self.learners = frame, learners
+        self.done = threading.Event()
+        self.result: pl.DataFrame | None = None
+        self.error: BaseException | None = None
+
+
+class Batcher:
+    """Requests that arrive while a prediction runs are priced together in the next one (adaptive batching, as
+    model servers do it): one `Predictor.predict` call per batch instead of per request, so the per-call cost
+    (model calls, frame operations) is paid once for all of them. A row's price does not depend on the other rows
+    it is priced with (pipeline.online's guarantee), so a batched price is the one-request price bit for bit.
+
+    Only requests that can share a frame go together: the same columns, each of one type or all-null, an id
+    column present and no id in two of them. A batch that fails (one request's bad row) is run again request by
+    request, so each request gets its own result or its own one-line error."""
+
+    def __init__(self, predictor: Predictor, id_column: str, max_rows: int = 256) -> None:
+        self.predictor, self.id_column, self.max_rows = predictor, id_column, max_rows
+        self._queue: list[_Job] = []
+        self._ready = threading.Condition()
+        self.counts = {"requests": 0, "batches": 0}  # /health shows them: requests per batch says how much it helps
+        threading.Thread(target=self._work, name="predict-batcher", daemon=True).start()
+
+    def predict(self, frame: pl.DataFrame, learners: bool = False) -> pl.DataFrame:
+        """`Predictor.predict(frame, "request", learners)`, batched with whatever else is waiting (blocks)."""
+        job = _Job(frame, learners)
+        with self._ready:
+            self._queue.append(job)
+            self._ready.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                try:
+                    batch = self._take()
+                except Exception:  # noqa: BLE001  ids that do not read as text (a nested value): it goes alone
+                    batch = [self._queue.pop(0)]
+            self._run(batch)
+
+    def _take(self) -> list[_Job]:
+        """The first waiting job and every later one that can share its frame, up to max_rows (queue order)."""
+        first = self._queue[0]
+        batch, rows = [first], first.frame.height
+        if self.id_column not in first.frame.columns:
+            return [self._queue.pop(0)]
+        ids = set(first.frame[self.id_column].cast(pl.String).to_list())
+        for job in self._queue[1:]:
+            if rows + job.frame.height > self.max_rows:
+                break
+            if not _same_shape(first.frame, job.frame):
+                continue
+            job_ids = job.frame[self.id_column].cast(pl.String).to_list()
+            if ids.intersection(job_ids) or len(set(job_ids)) != len(job_ids):
+                continue
+            ids.update(job_ids)
+            batch.append(job)
+            rows += job.frame.height
+        for job in batch:  # taken off the queue only once the batch is settled (a failure above leaves it whole)
+            self._queue.remove(job)
+        return batch
+
+    def _run(self, batch: list[_Job]) -> None:
+        self.counts["requests"] += len(batch)
+        self.counts["batches"] += 1
+        if len(batch) > 1:
+            try:
+                out = self.predictor.predict(pl.concat([j.frame for j in batch], how="vertical_relaxed"), "request",
+                                             any(j.learners for j in batch))
+            except Exception:  # noqa: BLE001  one request's bad input: each runs alone below, for its own error
+                out = None
+            if out is not None and out.height == sum(j.frame.height for j in batch):
+                start = 0
+                for job in batch:
+                    part = out.slice(start, job.frame.height)
+                    job.result = part if job.learners else part.select("sample_id", "price")
+                    start += job.frame.height
+                    job.done.set()
+                return
+        for job in batch:
+            try:
+                job.result = self.predictor.predict(job.frame, "request", job.learners)
+            except Exception as exc:  # noqa: BLE001  handed to the request's thread, raised there
+                job.error = exc
+            job.done.set()
+
+
+def _same_shape(a: pl.DataFrame, b: pl.DataFrame) -> bool:
+    """The same columns in the same order, each of one dtype or all-null in one of the two (a null-only JSON
+    column is typed Null; concatenated, it takes the other's type, as a file with both rows would give)."""
+    return a.columns == b.columns and all(x == y or x == pl.Null or y == pl.Null
+                                          for x, y in zip(a.dtypes, b.dtypes, strict=True))
+
+
 class _Served:
-    """The predictor in service and what /version says about it, replaced whole by a reload."""
+    """The predictor in service (behind its batcher) and what /version says about it, replaced whole by a
+    reload: requests queued on the old batcher finish on the old predictor."""
 
     def __init__(self, ctx: Context) -> None:
         self.predictor = Predictor(ctx.config, ctx.store())
+        self.batcher = Batcher(self.predictor, ctx.config.columns.id)
         record = self.predictor.record
         self.version = {"stack": record.study_key, "meta_sha256": record.meta_sha256, "meta": record.best_meta,
                         "learners": record.learners, "metric": record.metric, "stack_cv": record.stack_cv,
@@ -117,8 +221,8 @@ def make_app(ctx: Context, max_body_bytes: int = 10 * 2**20) -> FastAPI:
         return JSONResponse({"detail": " ".join(str(exc).split())}, status_code=status)
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> dict[str, Any]:
+        return {"status": "ok", **served["current"].batcher.counts}
 
     @app.get("/version")
     def version() -> dict[str, Any]:
@@ -128,7 +232,7 @@ def make_app(ctx: Context, max_body_bytes: int = 10 * 2**20) -> FastAPI:
     async def predict(request: Request) -> Response:
         frame, learners = _rows(await _json_body(request, max_body_bytes))
         current = served["current"]  # this request's model, whatever a reload does meanwhile
-        out = await run_in_threadpool(current.predictor.predict, frame, "request", learners)
+        out = await run_in_threadpool(current.batcher.predict, frame, learners)
         rows = []
         for row in out.iter_rows(named=True):
             item: dict[str, Any] = {"sample_id": row["sample_id"], "price": row["price"]}

@@ -101,3 +101,42 @@ def test_an_unknown_knn_space_is_refused_and_an_imageless_catalog_skips_image_sp
     imageless = load_config(None, {"columns.image": ""})
     assert [b.table for b in builders_for(imageless) if b.table.startswith("knn__")] == [
         "knn__text_minilm", "knn__text_mpnet"]
+
+
+def test_online_search_over_all_rows_gives_each_folds_own_neighbours(real_train: pl.DataFrame) -> None:
+    """New rows search one index over every training row and take each fold's neighbours from that list; they
+    must get what a search of each fold's own index gives (the first online version, kept here as reference),
+    whether the list is long enough for every row, for none (all fall back to the fold's index) or for some."""
+    import dataclasses
+
+    import faiss
+
+    from featurestore.folds import FoldMean, fold_plan
+    from features.knn import _first_fitting, _Online, _search_each, build_index, neighbour_stats, online_stats
+
+    ids, vectors, log_price, fold = _setup(real_train, 300)
+    train = fold >= 0
+    key = np.array([f"t{i % 97}" for i in range(len(ids))], dtype=object)  # duplicate groups of 3-4 rows
+    queries, query_ids, query_keys = vectors[~train], ids[~train], [key[~train]]
+    t_ids, t_vec, t_logp, t_fold, t_keys = ids[train], vectors[train], log_price[train], fold[train], [key[train]]
+    ks, k = [5, 20], 20 + 16 + 4
+    folds = [(f, build_index(t_vec[rows], "flat"), rows) for f, _, rows in fold_plan(t_fold)]
+    reference: dict[str, FoldMean] = {}
+    for _, index, rows in folds:
+        sims, idx = _search_each(index, queries, k, 1)
+        stats = neighbour_stats(sims, idx, t_ids[rows], t_logp[rows], [x[rows] for x in t_keys], query_ids,
+                                query_keys, ks, "t")
+        for name, values in stats.items():
+            reference.setdefault(name, FoldMean(len(query_ids))).add(values)
+    state = _Online(t_ids, t_logp, t_keys, t_fold, build_index(t_vec, "flat"), folds, k, 3 * k, ks, 1)
+    partly_sure = False
+    for k_global in [1, k, 45, 60, 3 * k, len(t_ids)]:
+        got = online_stats(dataclasses.replace(state, k_global=k_global), queries, query_ids, query_keys, "t")
+        assert got.keys() == reference.keys()
+        for name, mean in reference.items():
+            np.testing.assert_array_equal(got[name], mean.mean(), err_msg=f"{name} at k_global={k_global}")
+        faiss.omp_set_num_threads(1)
+        sims, idx = state.index.search(queries, min(k_global, len(t_ids)))
+        sure = np.concatenate([_first_fitting(sims, idx, t_fold, f, k)[2] for f, _, _ in folds])
+        partly_sure |= bool(sure.any() and not sure.all())
+    assert partly_sure, "no setting mixed rows sure from the global list with rows that searched their fold"

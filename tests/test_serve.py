@@ -163,3 +163,38 @@ def test_a_reload_during_a_stream_of_requests_drops_none(served) -> None:
     for thread in threads:
         thread.join()
     assert done > 20 and not failures, failures[:3]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_price_or_error(served) -> None:
+    """Requests sent at once are priced in shared batches (the server's counts show fewer batches than requests),
+    yet each gets the price it gets alone, bit for bit; a bad request among them gets its own 4xx and fails no
+    other; two requests with the same id are never put in one batch (both answered right)."""
+    url, _, tmp = served
+    rows = _records(tmp / "test.parquet")
+    alone = {r["sample_id"]: httpx.post(f"{url}/predict", json=[r], timeout=60).json()["predictions"][0]["price"]
+             for r in rows}
+    bad = {"sample_id": 900_001, "catalog_content": 12.5, "image_link": "x"}
+    sends = [[r] for r in rows] + [[rows[0]], [rows[1]], [bad], [rows[2], rows[3]]]
+    before = httpx.get(f"{url}/health", timeout=10).json()
+    answers: list[httpx.Response | None] = [None] * len(sends)
+    start = threading.Barrier(len(sends))
+
+    def send(i: int) -> None:
+        start.wait()
+        answers[i] = httpx.post(f"{url}/predict", json=sends[i], timeout=120)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(sends))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for sent, answer in zip(sends, answers, strict=True):
+        assert answer is not None
+        if sent == [bad]:
+            assert answer.status_code == 400 and "text" in answer.json()["detail"], answer.text
+            continue
+        assert answer.status_code == 200, answer.text
+        assert [p["price"] for p in answer.json()["predictions"]] == [alone[r["sample_id"]] for r in sent]
+    after = httpx.get(f"{url}/health", timeout=10).json()
+    requests, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
+    assert requests >= len(sends) and batches < requests, (requests, batches)

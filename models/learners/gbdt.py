@@ -160,8 +160,9 @@ class XGBoostLearner(_Gbdt):
         self.model_ = model[: self.best_iteration_]
 
     def _predict(self, x: Inputs) -> np.ndarray:
-        return self.model_.predict(xgb.DMatrix(x.combined(), feature_names=_safe_names(self.feature_names),
-                                               missing=np.nan))
+        # In place (no DMatrix, no names): the same trees and values; a DMatrix per call was most of a one-row
+        # prediction's cost. The columns are the spec's, in the order they were trained on.
+        return self.model_.inplace_predict(x.combined(), missing=np.nan, validate_features=False)
 
     def _save(self, path: Path) -> None:
         atomic_write(path, lambda tmp: self.model_.save_model(str(tmp)))
