@@ -2,7 +2,8 @@
 
 Starts the server on a trained store (a real process, `cli.py serve`), then sends single-row `POST /predict`
 requests from 1, 8 and 32 concurrent clients (httpx, one thread each) and 100-row batches; records p50/p99
-latency, rows/s, errors and the server's memory (VmRSS/VmHWM from /proc). Rows are the store's own test file
+latency, rows/s, errors, how many requests the server priced per batch, and the server's memory (VmRSS/VmHWM
+from /proc). Rows are the store's own test file
 (new rows to the store: none is a training row). Clients and server share this machine's cores.
 
     python3 benchmarks/bench_serve.py [--name amazon_sample --config configs/default.toml --store store]
@@ -73,6 +74,7 @@ def _load(url: str, rows: list[dict], clients: int, requests: int, batch: int) -
                     if answer.status_code != 200 or len(answer.json()["predictions"]) != batch:
                         errors.append(f"{answer.status_code}: {answer.text[:200]}")
 
+    before = httpx.get(f"{url}/health", timeout=10).json()
     started = time.perf_counter()
     pool = [threading.Thread(target=client) for _ in range(clients)]
     for thread in pool:
@@ -80,10 +82,14 @@ def _load(url: str, rows: list[dict], clients: int, requests: int, batch: int) -
     for thread in pool:
         thread.join()
     wall = time.perf_counter() - started
+    after = httpx.get(f"{url}/health", timeout=10).json()
     ms = np.array(latencies) * 1000
     return {"clients": clients, "rows_per_request": batch, "requests": requests, "errors": len(errors),
             "first_errors": errors[:3], "wall_s": round(wall, 2), "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1), "rows_per_s": round(requests * batch / wall, 1)}
+            "p99_ms": round(float(np.percentile(ms, 99)), 1), "rows_per_s": round(requests * batch / wall, 1),
+            # The server prices requests that wait together in one batch (pipeline.serve.Batcher).
+            "requests_per_batch": round((after["requests"] - before["requests"])
+                                        / max(after["batches"] - before["batches"], 1), 2)}
 
 
 def main() -> None:

@@ -58,12 +58,16 @@ class Batcher:
         self._queue: list[_Job] = []
         self._ready = threading.Condition()
         self.counts = {"requests": 0, "batches": 0}  # /health shows them: requests per batch says how much it helps
-        threading.Thread(target=self._work, name="predict-batcher", daemon=True).start()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="predict-batcher", daemon=True)
+        self._worker.start()
 
     def predict(self, frame: pl.DataFrame, learners: bool = False) -> pl.DataFrame:
         """`Predictor.predict(frame, "request", learners)`, batched with whatever else is waiting (blocks)."""
         job = _Job(frame, learners)
         with self._ready:
+            if self._closed:  # a request that took this model just before a reload: priced alone, on it
+                return self.predictor.predict(frame, "request", learners)
             self._queue.append(job)
             self._ready.notify()
         job.done.wait()
@@ -72,11 +76,19 @@ class Batcher:
         assert job.result is not None
         return job.result
 
+    def close(self) -> None:
+        """After a reload: the worker prices what is queued, then ends (so the old models can be freed)."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
     def _work(self) -> None:
         while True:
             with self._ready:
-                while not self._queue:
+                while not self._queue and not self._closed:
                     self._ready.wait()
+                if not self._queue:
+                    return
                 try:
                     batch = self._take()
                 except Exception:  # noqa: BLE001  ids that do not read as text (a nested value): it goes alone
@@ -266,7 +278,8 @@ def make_app(ctx: Context, max_body_bytes: int = 10 * 2**20) -> FastAPI:
     def reload() -> dict[str, Any]:
         with reload_lock:  # one load at a time; serving goes on meanwhile
             fresh = _Served(ctx)
-            served["current"] = fresh
+            old, served["current"] = served["current"], fresh
+            old.batcher.close()
         return fresh.version
 
     return app

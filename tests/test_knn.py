@@ -111,8 +111,8 @@ def test_online_search_over_all_rows_gives_each_folds_own_neighbours(real_train:
 
     import faiss
 
-    from featurestore.folds import FoldMean, fold_plan
     from features.knn import _first_fitting, _Online, _search_each, build_index, neighbour_stats, online_stats
+    from featurestore.folds import FoldMean, fold_plan
 
     ids, vectors, log_price, fold = _setup(real_train, 300)
     train = fold >= 0
