@@ -9,6 +9,7 @@ several members per fold (different seeds; odd members see binarised input) whos
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,28 @@ def _bag(matrix: sp.csr_matrix | None, binary: bool) -> tuple[torch.Tensor, torc
     values = np.ones_like(matrix.data, dtype=np.float32) if binary else matrix.data.astype(np.float32)
     return (torch.from_numpy(matrix.indices.astype(np.int64)), torch.from_numpy(matrix.indptr[:-1].astype(np.int64)),
             torch.from_numpy(values))
+
+
+def _batches(x: Inputs, order: np.ndarray, size: int, binary: bool
+             ) -> Iterator[tuple[np.ndarray, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]]:
+    """One epoch's minibatches in `order`: (rows, dense tensor, sparse bag). The rows are put in epoch order once
+    (one gather of the whole matrix), so each batch is a contiguous slice whose bag shares the epoch's buffers;
+    gathering every batch's rows from the matrix apart cost more than the net's own step. The same batches, values
+    and order as gathering each batch's rows."""
+    dense = torch.from_numpy(np.ascontiguousarray(x.dense[order]))
+    sparse = None if x.sparse is None else x.sparse[order]
+    if sparse is not None:
+        indices = torch.from_numpy(sparse.indices.astype(np.int64))
+        indptr = sparse.indptr.astype(np.int64)
+        values = torch.from_numpy(np.ones_like(sparse.data, dtype=np.float32) if binary
+                                  else sparse.data.astype(np.float32))
+    for start in range(0, len(order), size):
+        stop = min(start + size, len(order))
+        bag = None
+        if sparse is not None:
+            first, last = int(indptr[start]), int(indptr[stop])
+            bag = (indices[first:last], torch.from_numpy(indptr[start:stop] - first), values[first:last])
+        yield order[start:stop], dense[start:stop], bag
 
 
 class Members(nn.Module):
@@ -160,12 +183,10 @@ class MLPLearner(BaseLearner):
         for epoch in range(cfg.epochs):
             net.train()
             order = torch.randperm(len(train), generator=generator).numpy()
-            for start in range(0, len(order), cfg.batch_size):
-                batch = order[start : start + cfg.batch_size]
-                part = train.rows(batch)
+            for batch, dense, bag in _batches(train, order, cfg.batch_size, binary):
                 for optimiser in optimisers:
                     optimiser.zero_grad()
-                rows = loss_fn(net(torch.from_numpy(part.dense), _bag(part.sparse, binary)), target[batch])
+                rows = loss_fn(net(dense, bag), target[batch])
                 loss = (rows * weight[batch]).mean()
                 loss.backward()
                 for optimiser in optimisers:
