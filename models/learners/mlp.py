@@ -191,7 +191,7 @@ class MLPLearner(BaseLearner):
                 loss.backward()
                 for optimiser in optimisers:
                     optimiser.step()
-            watch_loss = float(np.average(np.abs(_predict_net(net, watch, binary) - y_watch), weights=watch_weight))
+            watch_loss = float(np.average(np.abs(_watch_predict(net, watch, binary) - y_watch), weights=watch_weight))
             if watch_loss < best[0]:
                 best = (watch_loss, copy.deepcopy(net.state_dict()), epoch + 1)
             elif epoch + 1 - best[2] >= cfg.early_stopping_epochs:
@@ -233,8 +233,15 @@ def _exact(net: PriceNet) -> PriceNet:
     return copy.deepcopy(net).double().eval()
 
 
-def _predict_net(net: PriceNet, x: Inputs, binary: bool) -> np.ndarray:
-    return _predict_members([_exact(net)], [net], [binary], x)[0]
+@torch.no_grad()
+def _watch_predict(net: PriceNet, x: Inputs, binary: bool) -> np.ndarray:
+    """The watch rows' predictions for early stopping, in float32 on the training net: a float64 copy of the net
+    (what `predict` uses, for batch-independent digits) took longer than the epoch itself with a wide first
+    layer, and the stopping epoch needs no more than float32's digits."""
+    net.eval()
+    out = [net(dense, bag).numpy() for _, dense, bag in _batches(x, np.arange(len(x)), 4096, binary)]
+    scaled = np.concatenate(out).astype(np.float64) if out else np.zeros(0, dtype=np.float64)
+    return scaled * float(net.y_scale) + float(net.y_mean)
 
 
 @torch.no_grad()
