@@ -66,11 +66,18 @@ class PriceNet(nn.Module):
 
     def forward(self, dense: torch.Tensor, bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
                 ) -> torch.Tensor:
+        sparse = None
+        if self.sparse is not None and bag is not None:
+            sparse = self.sparse(bag[0], bag[1], per_sample_weights=bag[2])
+        return self.after_sparse(dense, sparse)
+
+    def after_sparse(self, dense: torch.Tensor, sparse: torch.Tensor | None) -> torch.Tensor:
+        """The net given the sparse first layer's output (None: no sparse input)."""
         # Standardised inputs; missing values sit at the mean (0) and extreme values are clipped.
         x = torch.nan_to_num((dense - self.mean) / self.scale, nan=0.0).clamp(-10, 10)
         h = self.dense(x)
-        if self.sparse is not None and bag is not None:
-            h = h + self.sparse(bag[0], bag[1], per_sample_weights=bag[2])
+        if sparse is not None:
+            h = h + sparse
         return self.head(h).squeeze(-1)
 
 
@@ -230,7 +237,23 @@ PREDICTION_DECIMALS = 9
 
 
 def _exact(net: PriceNet) -> PriceNet:
-    return copy.deepcopy(net).double().eval()
+    """A float64 copy of the net without its sparse first layer (a 100k+-row table: copied whole it took seconds
+    per model and doubled a served MLP's memory); `_predict_members` upcasts the rows each call uses."""
+    sparse, net.sparse = net.sparse, None
+    try:
+        return copy.deepcopy(net).double().eval()
+    finally:
+        net.sparse = sparse
+
+
+def _sparse_exact(net: PriceNet, bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    """The sparse first layer in float64 over the rows of its weight the bag uses: the same sums, in the same
+    order, as the whole table upcast."""
+    if net.sparse is None or bag is None:
+        return None
+    columns, local = torch.unique(bag[0], return_inverse=True)
+    return torch.nn.functional.embedding_bag(local, net.sparse.weight.detach()[columns].double(), bag[1], mode="sum",
+                                             per_sample_weights=bag[2].double())
 
 
 @torch.no_grad()
@@ -252,12 +275,9 @@ def _predict_members(exact: list[PriceNet], nets: list[PriceNet], binary: list[b
     for start in range(0, len(x), 4096):
         part = x.rows(np.arange(start, min(start + 4096, len(x))))
         dense = torch.from_numpy(part.dense.astype(np.float64))
-        bags = {}
-        for variant in set(binary):
-            bag = _bag(part.sparse, variant)
-            bags[variant] = None if bag is None else (bag[0], bag[1], bag[2].double())
+        bags = {variant: _bag(part.sparse, variant) for variant in set(binary)}
         for m, variant in enumerate(binary):
-            out[m].append(exact[m](dense, bags[variant]).numpy())
+            out[m].append(exact[m].after_sparse(dense, _sparse_exact(nets[m], bags[variant])).numpy())
     return [np.round((np.concatenate(o) if o else np.zeros(0, dtype=np.float64)) * float(net.y_scale)
                      + float(net.y_mean), PREDICTION_DECIMALS) for o, net in zip(out, nets, strict=True)]
 
