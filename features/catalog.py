@@ -17,6 +17,7 @@ from tqdm import tqdm
 from features.units import canonical_unit, unit_factor, unit_kind
 from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
 from featurestore.errors import ConfigError, DeviceError
+from featurestore.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,10 @@ def text_sizes(items: pl.DataFrame, column: str) -> pl.DataFrame:
     return items.select("sample_id").join(per_row, on="sample_id", how="left", maintain_order="left")
 
 
-def generic_features(items: pl.DataFrame, categorical: list[str], numeric: list[str]) -> pl.DataFrame:
+def generic_features(items: pl.DataFrame, categorical: list[str], numeric: list[str],
+                     levelled: set[str] | None = None) -> pl.DataFrame:
+    """Text lengths, categoricals (with `cat_<c>_l1..l3`, their `/`-separated levels, for the columns in
+    `levelled`; None: those where some row holds a `/`, as a build decides) and numeric columns."""
     text_columns = [c for c in items.columns if c.startswith("text_")] or ["text"]
     exprs: list[pl.Expr] = [pl.col("sample_id"), pl.col("text").str.len_chars().alias("text_chars"),
                             pl.col("text").str.count_matches(r"\S+").alias("text_words")]
@@ -234,7 +238,8 @@ def generic_features(items: pl.DataFrame, categorical: list[str], numeric: list[
     for column in categorical:
         source = pl.col(f"cat_{column}")
         exprs.append(source.alias(f"cat_{column}"))
-        if items[f"cat_{column}"].str.contains("/", literal=True).any():
+        if (column in levelled if levelled is not None
+                else items[f"cat_{column}"].str.contains("/", literal=True).any()):
             parts = source.str.split("/")
             exprs += [parts.list.get(level, null_on_oob=True).alias(f"cat_{column}_l{level + 1}")
                       for level in range(3)]
@@ -257,10 +262,11 @@ class CatalogBuilder(FeatureBuilder):
     def build(self, ctx: BuildContext) -> Built:
         return Built(self._table(ctx.store.read("items"), ctx.progress))
 
-    def _table(self, items: pl.DataFrame, progress: bool) -> pl.DataFrame:
-        """Row by row: each item's fields come from its own text and columns only."""
+    def _table(self, items: pl.DataFrame, progress: bool, levelled: set[str] | None = None) -> pl.DataFrame:
+        """Row by row: each item's fields come from its own text and columns only (which categoricals get level
+        columns is the one thing decided over all rows: `levelled`, or the rows' own values when None)."""
         cols = self.config.columns
-        table = generic_features(items, cols.categorical, cols.numeric)
+        table = generic_features(items, cols.categorical, cols.numeric, levelled)
         table = bound_numbers(table, [f"num_{c}" for c in cols.numeric], "numeric column")
         if cols.catalog_format == "amazon":
             table = table.join(parse_amazon(items), on="sample_id", how="left", maintain_order="left")
@@ -281,5 +287,12 @@ class CatalogBuilder(FeatureBuilder):
 
     supports_online = True
 
-    def online(self, state: Any, rows: OnlineRows) -> pl.DataFrame:
-        return self._table(rows.tables["items"], False)
+    def online_state(self, trained: FeatureStore, threads: int) -> set[str]:
+        """The categoricals the stored table has level columns for: new rows get the same columns, whether or not
+        their own values hold a `/` (a one-row request whose brand had none came out without `cat_brand_name_l1..3`
+        and the models refused it)."""
+        schema = trained.read_schema(self.table)
+        return {c for c in self.config.columns.categorical if f"cat_{c}_l1" in schema}
+
+    def online(self, state: set[str], rows: OnlineRows) -> pl.DataFrame:
+        return self._table(rows.tables["items"], False, state)

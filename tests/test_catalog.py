@@ -107,3 +107,36 @@ def test_extreme_numbers_become_null_with_a_warning_naming_the_row(caplog: pytes
         values = parsed[column].drop_nulls()
         assert values.is_finite().all(), column
     assert "sample_id [1, 3]" in caplog.text and "Value" in caplog.text
+
+
+def test_new_rows_get_the_stored_level_columns_whatever_their_own_values(tmp_path) -> None:
+    """Which categoricals get `/`-level columns is decided over the training rows; a new row (predict, serve)
+    must get the same columns even when its own value holds no `/` (Mercari: one served row whose category had
+    none came out without `cat_category_l1..3`, and every model refused it)."""
+    from featurestore.builders import BuildContext, OnlineRows, run_builders
+    from featurestore.store import FeatureStore
+    from pipeline.registry import builders_for
+    from tests.conftest import make_config
+
+    train = pl.DataFrame({"id": list(range(1, 13)), "title": [f"item {i}" for i in range(12)],
+                          "category": ["Women/Tops/Shirts", "Men/Shoes", "Toys", "Women/Tops/Shirts"] * 3,
+                          "brand": ["Acme", None, "Zed", "Acme"] * 3,
+                          "price": [10.0, 20, 5, 12, 11, 25, 6, 13, 9, 14, 7, 8]})
+    config = make_config(tmp_path, train, None, **{
+        "columns.id": "id", "columns.text": ["title"], "columns.categorical": ["category", "brand"],
+        "columns.image": "", "columns.catalog_format": "generic", "folds.k": 3, "folds.price_bands": 2,
+        "builders": ["items", "folds", "catalog"]})
+    store = FeatureStore(config.store.dir)
+    builders = builders_for(config)
+    run_builders(BuildContext(store, config, progress=False), builders)
+    stored = store.read("catalog")
+    assert {"cat_category_l1", "cat_category_l3"} <= set(stored.columns) and "cat_brand_l1" not in stored.columns
+    items_builder, _, catalog = builders
+    new = pl.DataFrame({"id": [100], "title": ["a new item"], "category": ["Toys"], "brand": ["Acme"]})
+    rows = OnlineRows(new, "request")
+    rows.tables["items"] = items_builder.online(items_builder.online_state(store, 1), rows)
+    online = catalog.online(catalog.online_state(store, 1), rows)
+    assert online.columns == stored.columns
+    assert online.row(0, named=True)["cat_category_l1"] == "Toys"
+    # Control: deciding from the new row's own values (what online did before) drops the level columns.
+    assert "cat_category_l1" not in catalog._table(rows.tables["items"], False).columns
