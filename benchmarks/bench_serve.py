@@ -7,7 +7,8 @@ from /proc). Rows are the store's own test file
 (new rows to the store: none is a training row). Clients and server share this machine's cores.
 
     python3 benchmarks/bench_serve.py [--name amazon_sample --config configs/default.toml --store store]
-    python3 benchmarks/bench_serve.py --name mercari --config configs/mercari.toml --store store_mercari
+    python3 benchmarks/bench_serve.py --name mercari --config configs/mercari.toml --store store_mercari \
+        --requests-one-client 1000
 
 Results: benchmarks/results/serve.json, one entry per --name (each one run, with its run facts).
 """
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.toml")
     parser.add_argument("--store", default=None, help="store folder (default: the config's store.dir)")
     parser.add_argument("--requests", type=int, default=5000, help="single-row requests per concurrency level")
+    parser.add_argument("--requests-one-client", type=int, default=None,
+                        help="single-row requests at 1 client (default: --requests); one client waits for each")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--batches", type=int, default=50, help="100-row requests (one client)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
@@ -123,7 +126,8 @@ def main() -> None:
                   "startup_s": startup, "version": httpx.get(f"{url}/version", timeout=10).json(),
                   "single_row": [], "batch_100": None}
         for clients in args.clients:
-            level = _load(url, records, clients, args.requests, 1)
+            count = args.requests_one_client if clients == 1 and args.requests_one_client else args.requests
+            level = _load(url, records, clients, count, 1)
             result["single_row"].append(level)
             print(json.dumps(level), flush=True)
         result["batch_100"] = _load(url, records, 1, args.batches, 100)
