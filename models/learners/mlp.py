@@ -127,10 +127,8 @@ def _batches(x: Inputs, order: np.ndarray, size: int, binary: bool
     dense = torch.from_numpy(np.ascontiguousarray(x.dense[order]))
     sparse = None if x.sparse is None else x.sparse[order]
     if sparse is not None:
-        indices = torch.from_numpy(sparse.indices.astype(np.int64))
+        indices, _, values = _bag(sparse, binary)
         indptr = sparse.indptr.astype(np.int64)
-        values = torch.from_numpy(np.ones_like(sparse.data, dtype=np.float32) if binary
-                                  else sparse.data.astype(np.float32))
     for start in range(0, len(order), size):
         stop = min(start + size, len(order))
         bag = None
@@ -225,10 +223,7 @@ class MLPLearner(BaseLearner):
                 if rows_adam is not None and bag is not None:
                     # The batch's rows of the sparse table as a small dense leaf: its gradient comes out summed
                     # per row, and only those rows take an Adam step.
-                    touched, local = torch.unique(bag[0], return_inverse=True)
-                    table = net.sparse.weight.detach().index_select(0, touched).requires_grad_()
-                    sparse = torch.nn.functional.embedding_bag(local, table, bag[1], mode="sum",
-                                                               per_sample_weights=bag[2])
+                    touched, table, sparse = _sparse_over_rows(net.sparse.weight, bag, torch.float32, trainable=True)
                 rows = loss_fn(net.after_sparse(dense, sparse), target[batch])
                 loss = (rows * weight[batch]).mean()
                 loss.backward()
@@ -276,7 +271,8 @@ PREDICTION_DECIMALS = 9
 
 def _exact(net: PriceNet) -> PriceNet:
     """A float64 copy of the net without its sparse first layer (a 100k+-row table: copied whole it took seconds
-    per model and doubled a served MLP's memory); `_predict_members` upcasts the rows each call uses."""
+    per model and doubled a served MLP's memory); `_predict_members` upcasts the rows each call uses
+    (`_sparse_over_rows`)."""
     sparse, net.sparse = net.sparse, None
     try:
         return copy.deepcopy(net).double().eval()
@@ -284,14 +280,15 @@ def _exact(net: PriceNet) -> PriceNet:
         net.sparse = sparse
 
 
-def _sparse_exact(net: PriceNet, bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
-    """The sparse first layer in float64 over the rows of its weight the bag uses: the same sums, in the same
-    order, as the whole table upcast."""
-    if net.sparse is None or bag is None:
-        return None
-    columns, local = torch.unique(bag[0], return_inverse=True)
-    return torch.nn.functional.embedding_bag(local, net.sparse.weight.detach()[columns].double(), bag[1], mode="sum",
-                                             per_sample_weights=bag[2].double())
+def _sparse_over_rows(weight: torch.Tensor, bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dtype: torch.dtype,
+                      trainable: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sparse first layer computed over only the rows of `weight` the bag uses, gathered in `dtype`: (those
+    rows' ids, the gathered rows, each bag's sum). The same sums in the same order as over the whole table;
+    training steps the gathered rows (`trainable`), float64 inference upcasts only them."""
+    rows, local = torch.unique(bag[0], return_inverse=True)
+    table = weight.detach().index_select(0, rows).to(dtype).requires_grad_(trainable)
+    sums = torch.nn.functional.embedding_bag(local, table, bag[1], mode="sum", per_sample_weights=bag[2].to(dtype))
+    return rows, table, sums
 
 
 @torch.no_grad()
@@ -315,7 +312,9 @@ def _predict_members(exact: list[PriceNet], nets: list[PriceNet], binary: list[b
         dense = torch.from_numpy(part.dense.astype(np.float64))
         bags = {variant: _bag(part.sparse, variant) for variant in set(binary)}
         for m, variant in enumerate(binary):
-            out[m].append(exact[m].after_sparse(dense, _sparse_exact(nets[m], bags[variant])).numpy())
+            bag, sparse = bags[variant], nets[m].sparse
+            sums = None if sparse is None or bag is None else _sparse_over_rows(sparse.weight, bag, torch.float64)[2]
+            out[m].append(exact[m].after_sparse(dense, sums).numpy())
     return [np.round((np.concatenate(o) if o else np.zeros(0, dtype=np.float64)) * float(net.y_scale)
                      + float(net.y_mean), PREDICTION_DECIMALS) for o, net in zip(out, nets, strict=True)]
 
