@@ -47,6 +47,11 @@ TestOpt = Annotated[str | None, typer.Option("--test", help="test file, CSV or P
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or info logs")]
 EngineOpt = Annotated[str | None, typer.Option("--engine", help="where the batch loops run: local | ray "
                                                                   "(overrides engine.kind)")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="recipe: best | medium | fast (overrides preset; "
+                                                                   "pipeline/presets.py and the README say what each "
+                                                                   "runs)")]
+TimeLimitOpt = Annotated[float | None, typer.Option("--time-limit", help="seconds of wall clock: train what fits, "
+                                                                          "cheapest first, and stack what finished")]
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster: \"\" = private local Ray, "
                                                                     "\"auto\" or host:port = join one")]
 
@@ -96,11 +101,11 @@ def build_features(
     test: TestOpt = None,
     only: Annotated[list[str] | None, typer.Option("--only", help="run just these builders (repeatable)")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even when a table is up to date")] = False,
-    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
+    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None, preset: PresetOpt = None,
 ) -> None:
     """Ingest, then build every feature table in `builders` (each skipped when up to date)."""
     overrides = {"store.dir": store, "data.train": train, "data.test": test, "engine.kind": engine,
-                 "engine.address": address}
+                 "engine.address": address, "preset": preset}
     ctx = _context(config, overrides, quiet)
     _print_builds(ctx.build_features(only, force))
     typer.echo(f"store: {ctx.root}  (SQL: python cli.py sql \"SELECT * FROM catalog LIMIT 5\")")
@@ -179,6 +184,11 @@ def _stack_summary(record: StackRecord) -> None:
     typer.echo(f"{'stack':<14} {record.stack_cv:>9.2f}  ({record.best_meta} chosen of "
                f"{record.candidates} candidates, {nested}; {record.stack_seconds:.1f}s, "
                f"peak {record.peak_rss_mib:.0f} MiB)")
+    if record.time_limit_s is not None:
+        typer.echo(f"time limit {record.time_limit_s:.0f} s (preset {record.preset}): "
+                   f"{record.total_seconds:.0f} s for learners + stack")
+        for step in record.schedule:
+            typer.echo(f"  {step['learner']:<14} {step['action']:<8} {step['reason']}")
     board = leaderboard_score(record.metric, record.stack_cv)
     if board is not None:
         typer.echo(f"{'leaderboard':<14} {board:>9.2f}  (max(0, 100 x (1 - MAPE)), the 2023 challenge's score)")
@@ -189,10 +199,11 @@ def train(
     config: ConfigOpt = None, store: StoreOpt = None,
     learner: Annotated[list[str] | None, typer.Option("--learner", help="only these learners (repeatable)")] = None,
     force: Annotated[bool, typer.Option(help="retrain even when oof__<learner> is up to date")] = False,
-    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
+    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None, preset: PresetOpt = None,
 ) -> None:
     """Cross-fit base learners into oof__<learner> tables (each skipped when up to date)."""
-    ctx = _context(config, {"store.dir": store, "engine.kind": engine, "engine.address": address}, quiet)
+    ctx = _context(config, {"store.dir": store, "engine.kind": engine, "engine.address": address, "preset": preset},
+                   quiet)
     results = ctx.train(learner, force=force)
     fs = ctx.store()
     for result in results:
@@ -205,11 +216,30 @@ def train(
 def stack(
     config: ConfigOpt = None, store: StoreOpt = None,
     trials: Annotated[int | None, typer.Option(help="meta-learner candidates (default: stacking.trials)")] = None,
-    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
+    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None, preset: PresetOpt = None,
+    time_limit: TimeLimitOpt = None,
 ) -> None:
     """Train stale base learners, tune the meta-learner with Optuna, write predictions + submission.csv."""
-    overrides = {"store.dir": store, "stacking.trials": trials, "engine.kind": engine, "engine.address": address}
-    record = _context(config, overrides, quiet).stack()
+    overrides = {"store.dir": store, "stacking.trials": trials, "engine.kind": engine, "engine.address": address,
+                 "preset": preset}
+    record = _context(config, overrides, quiet).stack(time_limit=time_limit)
+    _stack_summary(record)
+    typer.echo(f"submission: {record.submission or '(no test rows)'}\nrun record: {record.run_record}")
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None, store: StoreOpt = None, train: TrainOpt = None, test: TestOpt = None,
+    trials: Annotated[int | None, typer.Option(help="meta-learner candidates (default: stacking.trials)")] = None,
+    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None, preset: PresetOpt = None,
+    time_limit: Annotated[float | None, typer.Option("--time-limit", help="seconds of wall clock for the whole "
+                                                                           "run, build-features included")] = None,
+) -> None:
+    """build-features then stack, under one --time-limit when given (the whole pipeline's budget)."""
+    overrides = {"store.dir": store, "data.train": train, "data.test": test, "stacking.trials": trials,
+                 "engine.kind": engine, "engine.address": address, "preset": preset}
+    results, record = _context(config, overrides, quiet).run(time_limit=time_limit)
+    _print_builds(results)
     _stack_summary(record)
     typer.echo(f"submission: {record.submission or '(no test rows)'}\nrun record: {record.run_record}")
 
@@ -221,13 +251,13 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="file to write (sample_id,price): .csv or .parquet")
                    ] = Path("predictions.csv"),
     force: Annotated[bool, typer.Option(help="overwrite --out if it exists")] = False,
-    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None,
+    quiet: QuietOpt = False, engine: EngineOpt = None, address: AddressOpt = None, preset: PresetOpt = None,
 ) -> None:
     """Price new rows: same feature builders, stored fold models and stored meta-learner."""
     if not input.is_file():
         raise UserError(f"--input {input}: file not found")
     _out_path(out, force)
-    overrides = {"store.dir": store, "engine.kind": engine, "engine.address": address}
+    overrides = {"store.dir": store, "engine.kind": engine, "engine.address": address, "preset": preset}
     predictions = _context(config, overrides, quiet).predict_file(input, out)
     typer.echo(f"wrote {predictions.height} predictions to {out}")
 
@@ -238,12 +268,12 @@ def serve(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     max_body_mb: Annotated[float, typer.Option(help="largest request body accepted (413 above)")] = 10.0,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, preset: PresetOpt = None,
 ) -> None:
     """Serve the stack over HTTP: POST /predict, GET /health, GET /version, POST /sql, POST /reload."""
     from pipeline.serve import serve as run_server
 
-    ctx = _context(config, {"store.dir": store}, quiet)
+    ctx = _context(config, {"store.dir": store, "preset": preset}, quiet)
     ctx.store()  # the store must exist: serve never makes one
     typer.echo(f"serving {ctx.root} on http://{host}:{port}  (POST /predict, GET /version; Ctrl-C stops)")
     run_server(ctx, host, port, max_body_mb)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import polars as pl
 
+from featurestore.budget import Budget
 from featurestore.config import Config, apply_settings
 from featurestore.engine import Engine, engine_for
 from featurestore.errors import ConfigError, MissingTable, StaleTable
@@ -36,6 +37,9 @@ class BuildContext:
     fingerprint: str = ""
     # Where the builders' loops run ([engine]); one per command, made from the config when not given.
     engine: Engine = None  # type: ignore[assignment]
+    # `--time-limit`: a builder that checks it between its units (cross-fitting, between folds) stops with
+    # featurestore.budget.OverBudget when the rest would end past the deadline; None = no limit.
+    budget: Budget | None = None
 
     def __post_init__(self) -> None:
         if self.engine is None:
@@ -302,6 +306,12 @@ def run_builders(ctx: BuildContext, builders: list[FeatureBuilder], force: bool 
             results[builder.table] = _write(ctx, builder, *outcome)
         pending = [b for b in pending if b not in wave]
     return [results[b.table] for b in builders]
+
+
+def up_to_date(store: FeatureStore, builder: FeatureBuilder) -> bool:
+    """The stored table (and its artifacts) is what the builder would build now: running it would reuse it."""
+    fingerprint = _hash_inputs(fingerprint_inputs(builder, store))
+    return store.is_fresh(builder.table, fingerprint) and builder.artifacts_ok(store, fingerprint)
 
 
 def _build(ctx: BuildContext, builder: FeatureBuilder, force: bool

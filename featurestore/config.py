@@ -306,6 +306,9 @@ class TaskConfig(Section):
     target: str = choice("auto", "log1p", "log", "none")
 
 
+PRESET_NAMES = ("best", "medium", "fast")
+
+
 @dataclass
 class Config(Section):
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -324,6 +327,12 @@ class Config(Section):
     models: ModelsConfig = field(default_factory=ModelsConfig)
     stacking: StackingConfig = field(default_factory=StackingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # A recipe of encoders, learners, members, epochs, rounds and trials (pipeline.presets): "best" = this config
+    # as written; "medium" and "fast" trade score for time. `--preset` overrides it.
+    preset: str = choice(*PRESET_NAMES)
+    # `[presets.<name>]`: this config's own recipe for a preset, a partial config laid over it when that preset is
+    # chosen (instead of pipeline.presets' generic rules for that name).
+    presets: dict[str, Any] = field(default_factory=dict)
     # Which feature builders `build-features` runs, in order (names from pipeline.registry).
     builders: list[str] = field(
         default_factory=lambda: ["items", "folds", "catalog", "target_enc", "text_sparse", "text_emb",
@@ -418,8 +427,14 @@ def import_plugins(modules: list[str], setting: str, example: str) -> None:
                               f"{example!r}") from exc
 
 
+# The generic preset rules (pipeline.presets registers them: they read the learner registry, a higher layer): a
+# function of a thawed config and a preset name to the dotted overrides that preset makes.
+PRESET_RULES: list[Callable[[Config, str], dict[str, Any]]] = []
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the TOML file (if any), then dotted overrides such as {"store.dir": "/tmp/s"}."""
+    """Defaults, then the TOML file (if any), then the preset, then dotted overrides such as
+    {"store.dir": "/tmp/s"}: flags beat the preset (`--preset fast --trials 200` runs 200 trials)."""
     config = Config()
     if path is not None:
         path = Path(path)
@@ -431,8 +446,37 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         _apply(config, values, str(path))
-    _overrides(config, overrides or {})
+    overrides = dict(overrides or {})
+    preset = overrides.pop("preset", None)
+    if preset is not None:
+        _apply(config, {"preset": preset}, "override")
+    _check_presets(config)
+    _apply_preset(config)
+    _overrides(config, overrides)
     return _checked(config)
+
+
+def _check_presets(config: Config) -> None:
+    """Every `[presets.<name>]` table is validated at load, chosen or not (unknown keys, types, choices)."""
+    for name, table in config.presets.items():
+        if name not in PRESET_NAMES:
+            raise ConfigError(f"[presets.{name}]: no preset of that name; presets are {', '.join(PRESET_NAMES)}")
+        if not isinstance(table, dict) or {"preset", "presets"} & set(table):
+            raise ConfigError(f"[presets.{name}] must be a table of settings (not preset or presets)")
+        _apply(thawed(config), table, f"presets.{name}")
+
+
+def _apply_preset(config: Config) -> None:
+    """The chosen preset, laid over the loaded config: the config's own `[presets.<name>]` table when it has one,
+    else pipeline.presets' generic rules ("best" without a table changes nothing)."""
+    name = config.preset
+    if name in config.presets:
+        _apply(config, config.presets[name], f"presets.{name}")
+    elif name != "best":
+        if not PRESET_RULES:
+            raise ConfigError(f"preset {name!r} needs its rules: open the config with pipeline.context.open_config "
+                              "(or import pipeline.presets first)")
+        _overrides(config, PRESET_RULES[-1](config, name))
 
 
 def _overrides(config: Config, overrides: dict[str, Any]) -> None:
@@ -454,7 +498,11 @@ def _checked(config: Config) -> Config:
 
 
 def edited(config: Config, overrides: dict[str, Any]) -> Config:
-    """A frozen copy of `config` with dotted overrides applied and every load-time check run again."""
+    """A frozen copy of `config` with dotted overrides applied and every load-time check run again. The preset
+    cannot change here: it was laid over the file at load (load_config(path, {"preset": ...}) chooses one)."""
+    if overrides.get("preset", config.preset) != config.preset:
+        raise ConfigError(f"the preset is chosen when the config loads (this one loaded with {config.preset!r}); "
+                          f"load it again with {{\"preset\": {overrides['preset']!r}}}")
     copy = thawed(config)
     _overrides(copy, overrides)
     return _checked(copy)

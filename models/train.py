@@ -15,6 +15,7 @@ import hashlib
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
+from featurestore.budget import Budget
 from featurestore.builders import BuildContext, Built, FeatureBuilder
 from featurestore.config import Config
 from featurestore.devices import threads
@@ -134,13 +136,15 @@ def _fit_fold(s: _Folds, unit: tuple[int, np.ndarray, np.ndarray, dict[str, byte
 def cross_fit(
     make: LearnerFactory, x: Inputs, price: np.ndarray, fold: np.ndarray, groups: np.ndarray,
     target: str, watch_fraction: float, seed: int, model_dir: Path, progress: bool = False,
-    task_metric: Metric = METRICS["smape"], engine: Engine | None = None,
+    task_metric: Metric = METRICS["smape"], engine: Engine | None = None, budget: Budget | None = None,
 ) -> CrossFitResult:
     """Fit one model per fold (seed + fold), save it, reload it and predict with the reloaded file, so the
     pipeline's numbers come from exactly what `predict` will load. `groups` keys the early-stopping slice.
     Folds are scored with `task_metric`; its row weights (MAPE: 1/y) reach learners that support weights.
     One unit per fold on `engine` (default: here, `make`'s threads); the main process writes each fold's model
-    files as they arrive and combines predictions in fold order."""
+    files as they arrive and combines predictions in fold order. `budget`: after each fold, OverBudget when the
+    other folds at the same pace would end past its deadline (learners that resume folds pick up the ones written
+    so far on a later run)."""
     engine = engine or LocalEngine(make.threads)
     is_test = fold < 0
     y = np.where(is_test, np.nan, to_target(np.nan_to_num(price, nan=1.0), target))
@@ -163,10 +167,14 @@ def cross_fit(
         units.append((k, valid_rows, fit_rows, saved))
     shared = _Folds(make, x, y, groups, watch_fraction, seed, test_rows)
     fits = engine.map("train", _fit_fold, units, shared)
-    for (k, valid_rows, _), unit, fitted in tqdm(zip(plan, units, fits, strict=True), total=len(plan),
-                                                 desc="folds", disable=not progress):
+    started = time.monotonic()
+    arrivals = tqdm(zip(plan, units, fits, strict=True), total=len(plan), desc="folds", disable=not progress)
+    for done, ((k, valid_rows, _), unit, fitted) in enumerate(arrivals, start=1):
         for name, data in fitted.files.items() if unit[3] is None else ():  # a resumed fold's files stay as they are
             atomic_write(model_dir / name, lambda tmp, data=data: tmp.write_bytes(data))
+        if budget is not None and unit[3] is None:  # resumed folds cost nothing: the pace is the trained ones'
+            trained = sum(u[3] is None for u in units[:done])
+            budget.check_projection(make.name, trained, sum(u[3] is None for u in units), time.monotonic() - started)
         for name, gain in fitted.importance.items():
             importance[name] = importance.get(name, 0.0) + gain / len(plan)
         oof[valid_rows] = fitted.oof
@@ -349,7 +357,7 @@ class LearnerBuilder(FeatureBuilder):
         make = make_learner(self.config, self.name, spec)
         task_metric, target = metric(self.config.task.metric), task_target(self.config)
         result = cross_fit(make, x, price, fold, groups, target, m.early_stopping_fraction, m.seed, model_dir,
-                           progress=ctx.progress, task_metric=task_metric, engine=ctx.engine)
+                           progress=ctx.progress, task_metric=task_metric, engine=ctx.engine, budget=ctx.budget)
         spec.save(model_dir / SPEC_FILE)  # last: its presence marks a complete model folder
         output = np.where(fold >= 0, result.oof, np.nan)
         output[fold < 0] = result.test

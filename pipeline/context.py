@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from featurestore.budget import Budget
 from featurestore.builders import BuildContext, BuildResult, run_builders
 from featurestore.config import Config, edited, load_config
 from featurestore.errors import UserError
@@ -44,15 +45,22 @@ def open_config(config: str | Path | Config | None = None, overrides: dict[str, 
     """The config, validated at load (a Config object is re-checked with the overrides applied). `learners`:
     register the checks of every `[models.<name>]`, `builders` and `[features.<name>]` entry too (imports the
     learner and builder modules, ~3 s, which `tables` and `sql` do not need)."""
+    import pipeline.presets  # noqa: F401  registers the generic preset rules, laid over the file at load
     if learners:
         import models.registry  # noqa: F401  registers the check of every [models.<name>] section, run at load
         import pipeline.registry  # noqa: F401  and of `builders` and every [features.<name>] section
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if isinstance(config, Config):
-        return edited(config, overrides)
+        return edited(config, overrides)  # its preset was laid over it when it loaded
     if config is None and DEFAULT_CONFIG.is_file():
         config = DEFAULT_CONFIG
     return load_config(None if config is None else Path(config), overrides)
+
+
+def _limit(seconds: float) -> float:
+    if not seconds > 0:
+        raise UserError(f"--time-limit is {seconds!r}; expected a number of seconds > 0")
+    return float(seconds)
 
 
 class Context:
@@ -112,15 +120,37 @@ class Context:
         with self.writing("train") as store:
             return train_learners(self.config, store, learners, force=force, progress=self.progress)
 
-    def stack(self, trials: int | None = None) -> StackRecord:
-        """Train stale learners, tune the meta-learner, write predictions and the submission; the run record."""
-        from pipeline.run import train_and_stack
+    def stack(self, trials: int | None = None, time_limit: float | None = None) -> StackRecord:
+        """Train stale learners, tune the meta-learner, write predictions and the submission; the run record.
+        `time_limit` (seconds): train what fits, cheapest first, and stack what finished (pipeline.run); the
+        record's `schedule` says what was skipped or stopped and why."""
+        return self._stack(trials, None if time_limit is None else Budget(_limit(time_limit)))
+
+    def run(self, trials: int | None = None, time_limit: float | None = None
+            ) -> tuple[list[BuildResult], StackRecord]:
+        """build-features, then stack, under one `time_limit` (seconds) when given: the features come first (the
+        learners read them), and the stack gets what they leave."""
+        budget = None if time_limit is None else Budget(_limit(time_limit))
+        self._check_stack(trials)
+        built = self.build_features()
+        if budget is not None and budget.left() <= 0:
+            raise UserError(f"--time-limit {time_limit:g}: build-features alone took {budget.elapsed():.0f} s; give "
+                            "more time or a faster preset (--preset fast); the feature tables are kept")
+        return built, self._stack(trials, budget)
+
+    def _check_stack(self, trials: int | None) -> Config:
         from pipeline.stack import check_stack_settings
 
         config = self.config if trials is None else edited(self.config, {"stacking.trials": trials})
         check_stack_settings(config)  # before any store is made or locked
+        return config
+
+    def _stack(self, trials: int | None, budget: Budget | None) -> StackRecord:
+        from pipeline.run import train_and_stack
+
+        config = self._check_stack(trials)
         with self.writing("stack") as store:
-            return train_and_stack(config, store, config.stacking.trials, progress=self.progress)
+            return train_and_stack(config, store, config.stacking.trials, progress=self.progress, budget=budget)
 
     def predict_file(self, input_path: str | Path, out: str | Path) -> pl.DataFrame:
         """Price the rows of a CSV/Parquet file with the stored models; writes `out` (sample_id, price)."""

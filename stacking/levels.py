@@ -77,13 +77,15 @@ class StackResult:
 
 
 def run_levels(inputs: StackInputs, config: Config, trials: int, storage: optuna.storages.BaseStorage | None,
-               key: str, workers: int = 1, engine: Engine | None = None) -> StackResult:
-    """Nested level-2 CV (honest stack score) + the final meta-learner. Pure given its inputs: no store I/O."""
+               key: str, workers: int = 1, engine: Engine | None = None, deadline: float | None = None
+               ) -> StackResult:
+    """Nested level-2 CV (honest stack score) + the final meta-learner. Pure given its inputs: no store I/O.
+    `deadline` (time.monotonic): candidates stop being evaluated after it (stacking.study.run_study)."""
     seed = config.stacking.seed
     train_rows = np.flatnonzero(inputs.fold >= 0)
     test_rows = np.flatnonzero(inputs.fold < 0)
     folds = sorted(set(inputs.fold[train_rows].tolist()))
-    done = run_study(f"{key}-candidates", inputs, config, trials, storage, workers, engine)
+    done = run_study(f"{key}-candidates", inputs, config, trials, storage, workers, engine, deadline)
     rule = (config.stacking.selection, config.stacking.selection_se)
     final, final_scores = _choose(done, "final", *rule)
     meta_oof = np.full(len(inputs.ids), np.nan)

@@ -10,6 +10,9 @@ from featurestore.errors import MissingTable, UserError
 from featurestore.names import PREDICTIONS
 from featurestore.store import FeatureStore
 
+# Fields a record written before them lacks; read with their defaults (a stack made without a preset or a time limit).
+ADDED_LATER = ("preset", "time_limit_s", "schedule")
+
 
 @dataclass
 class StackRecord:
@@ -46,6 +49,11 @@ class StackRecord:
     meta_sha256: str = ""
     submission: str | None = None  # None: no test rows
     run_record: str = ""  # this record's file
+    preset: str = "best"  # the recipe the config was loaded with (pipeline.presets)
+    # `--time-limit`: the budget in seconds (None: none) and what the schedule did with each learner, in the
+    # order it took them: {"learner", "action" (trained | reused | skipped | stopped), "reason", "seconds"}.
+    time_limit_s: float | None = None
+    schedule: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,8 +64,8 @@ class StackRecord:
         info = store.info(PREDICTIONS)
         if info is None:
             raise MissingTable(f"no stack in {store.root}; run `python cli.py stack` first")
-        missing = [f.name for f in fields(cls) if f.name not in info.extra]
+        missing = [f.name for f in fields(cls) if f.name not in info.extra and f.name not in ADDED_LATER]
         if missing:
             raise UserError(f"the stack in {store.root} was made by an older version (no {', '.join(missing)} in its "
                             "record); rerun `python cli.py stack`")
-        return cls(**{f.name: info.extra[f.name] for f in fields(cls)})
+        return cls(**{f.name: info.extra[f.name] for f in fields(cls) if f.name in info.extra})

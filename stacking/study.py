@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -173,11 +174,13 @@ def _params_of(trial: optuna.trial.FrozenTrial) -> Candidate:
 
 
 def run_study(study_name: str, inputs: StackInputs, config: Config, trials: int,
-              storage: optuna.storages.BaseStorage | None, workers: int = 1, engine: Engine | None = None
-              ) -> dict[int, tuple[Candidate, Scores]]:
+              storage: optuna.storages.BaseStorage | None, workers: int = 1, engine: Engine | None = None,
+              deadline: float | None = None) -> dict[int, tuple[Candidate, Scores]]:
     """Evaluate `trials` candidates (the baselines included); resume the ones a previous run finished. On a
     distributed engine, chunks of `engine.candidates_per_task` candidates are its units; locally, `workers`
-    spawned processes."""
+    spawned processes. `deadline` (time.monotonic): no candidate is taken in after it, the baselines excepted
+    (candidates in flight finish; those not started are cancelled), so a time-limited stack ends with what it
+    scored."""
     baselines = baseline_metas()
     metas = [m for m in config.stacking.metas if m not in baselines]
     for name in config.stacking.metas:
@@ -215,20 +218,25 @@ def run_study(study_name: str, inputs: StackInputs, config: Config, trials: int,
         chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
         shared = (inputs, seed, tuple(config.models.plugins))
         scores = (s for chunk in engine.map("stack", _evaluate_chunk, chunks, shared) for s in chunk)
-        _tell_all(study, proposed, scores, done)
+        _tell_all(study, proposed, scores, done, deadline)
     elif workers > 1 and len(candidates) > 1:
         # Spawned, not forked: `stack` has just trained the learners in this process, and OpenMP (LightGBM,
         # torch) deadlocks in a child forked from a parent whose thread pool is running.
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=(inputs, seed, tuple(config.models.plugins))) as pool:
-            _tell_all(study, proposed, pool.map(_evaluate_in_worker, candidates, chunksize=2), done)
+            _tell_all(study, proposed, pool.map(_evaluate_in_worker, candidates, chunksize=2), done, deadline)
+            pool.shutdown(cancel_futures=True)  # after a deadline: the candidates not started are dropped
     else:
-        _tell_all(study, proposed, (evaluate(c, inputs, seed) for c in candidates), done)
+        _tell_all(study, proposed, (evaluate(c, inputs, seed) for c in candidates), done, deadline)
+    for trial, candidate in proposed:  # left untold by a deadline: failed, so a later run proposes them again
+        if candidate.index not in done:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
     return done
 
 
 def _tell_all(study: optuna.Study, proposed: list[tuple[optuna.Trial, Candidate]], results: Iterator[Scores],
-              done: dict[int, tuple[Candidate, Scores]]) -> None:
+              done: dict[int, tuple[Candidate, Scores]], deadline: float | None = None) -> None:
+    keep = len(baseline_metas())  # the fallbacks (mean, single, constant) are always scored
     for (trial, candidate), scores in zip(proposed, results, strict=True):
         record = {"inner": {str(k): v for k, v in scores.inner.items()}, "final": scores.final, "at": scores.at,
                   "folds": {key: {str(j): v for j, v in by_fold.items()} for key, by_fold in scores.folds.items()}}
@@ -237,6 +245,9 @@ def _tell_all(study: optuna.Study, proposed: list[tuple[optuna.Trial, Candidate]
                                                    "meta": candidate.meta}, trial.params))
         study.tell(trial, scores.final)
         done[candidate.index] = (candidate, scores)
+        if deadline is not None and candidate.index >= keep - 1 and time.monotonic() > deadline:
+            log.info("stack: time is up after %d candidates", len(done))
+            break
 
 
 def _checksum(attrs: dict[str, Any], params: dict[str, Any]) -> str:

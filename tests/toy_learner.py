@@ -7,6 +7,7 @@ Shrunken least squares on the dense columns (missing values -> column mean), sav
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from models.registry import register
 class ToySettings(LearnerSettings):
     tables: list[str] = field(default_factory=lambda: ["catalog"])
     shrink: float = 1.0  # ridge penalty on the standardised columns
+    sleep_s: float = 0.0  # a slow learner on demand: the time-limit tests stop it between folds
 
 
 @register
@@ -35,6 +37,7 @@ class ToyLearner(BaseLearner):
         return (dense - self.mean_) / self.scale_
 
     def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
+        time.sleep(self.settings.sleep_s)
         with np.errstate(all="ignore"):
             self.mean_ = np.nan_to_num(np.nanmean(train.dense, axis=0)).astype(np.float64)
             scale = np.nan_to_num(np.nanstd(train.dense, axis=0))
