@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Of a time limit, the share the learners leave for the stack's candidates and tail (seconds, fraction of the
 # limit: the larger is kept). On Mercari 30 candidates over 4 learners took ~10 s on 2 cores.
-STACK_SHARE = (10.0, 0.08)
+STACK_SHARE = (10.0, 0.04)
 
 
 def train_learners(config: Config, store: FeatureStore, names: list[str] | None = None, force: bool = False,

@@ -55,7 +55,7 @@ def check_stack_settings(config: Config) -> None:
 
 # Of a time limit, the share kept after the candidates for the stack's own tail: the nested refits, the final fit,
 # the checks and the writes (a few seconds on Mercari's 55k rows).
-STACK_TAIL = (2.0, 0.03)  # seconds, fraction of the limit: the larger is kept
+STACK_TAIL = (2.0, 0.02)  # seconds, fraction of the limit: the larger is kept
 
 
 def _study_deadline(budget: Budget | None) -> float | None:

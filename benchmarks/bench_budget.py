@@ -1,0 +1,112 @@
+"""Benchmark: quality per minute, side by side with AutoGluon-Tabular (issue 25).
+
+For each budget (default 120, 600 and 1,800 s of end-to-end wall on this machine), from nothing:
+- this product: `cli.py run --config configs/mercari.toml --preset P --time-limit B` into an empty store (P: fast
+  at 120 s, medium at 600 s, best at 1,800 s), as a user would run it; its nested CV SMAPE (the stack scored on
+  rows its tuning never saw), what the schedule did with each learner, wall and peak RSS (GNU time);
+- AutoGluon-Tabular (benchmarks/autogluon_cv.py, its own virtualenv) on the raw Mercari columns (name,
+  description, brand, category, condition, shipping) with time_limit = B over the same 5 seller-grouped folds
+  (B/5 per fold, so the whole CV fits in B), label log1p(price) with MAE, SMAPE on prices.
+
+    python3 -m venv /tmp/agvenv && /tmp/agvenv/bin/pip install 'autogluon.tabular[lightgbm,catboost,xgboost]'
+    python3 benchmarks/bench_budget.py --autogluon-python /tmp/agvenv/bin/python [--budgets 120 600]
+
+Results: benchmarks/results/budget.json, written after each run (one entry per budget). Time it on an otherwise
+idle machine: two OpenMP jobs at once slow each other 5-10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_stack import timed_cli  # noqa: E402
+from benchmarks.facts import run_facts  # noqa: E402
+from featurestore.config import load_config  # noqa: E402
+
+CONFIG = ROOT / "configs" / "mercari.toml"
+PRESET_FOR = {120: "fast", 600: "medium", 1800: "best"}
+RAW_COLUMNS = ("name", "item_description", "brand_name", "category_name", "item_condition_id", "shipping")
+RESULTS = ROOT / "benchmarks" / "results" / "budget.json"
+
+
+def ours(budget: int, preset: str, store: Path) -> dict:
+    shutil.rmtree(store, ignore_errors=True)
+    wall, peak = timed_cli("run", "--config", str(CONFIG), "--store", str(store), "--preset", preset,
+                           "--time-limit", str(budget))
+    run = json.loads(max((store / "runs").glob("stack-*.json")).read_text())
+    return {"preset": preset, "wall_seconds": wall, "within_limit": wall <= budget,
+            "overrun_fraction": round(max(0.0, wall / budget - 1), 4), "peak_rss_mib": peak,
+            "cv_smape": run["stack_cv"], "nested": run["nested"], "best_single_cv": run["best_single_cv"],
+            "base_cv": run["base_cv"], "learners": run["learners"], "schedule": run["schedule"],
+            "candidates": run["candidates"], "stack_seconds": run["stack_seconds"],
+            "learners_and_stack_seconds": run["total_seconds"]}
+
+
+def raw_frame(store: Path, out: Path) -> int:
+    """Mercari's raw columns with this product's folds (seller-grouped), as autogluon_cv.py reads them."""
+    config = load_config(CONFIG)
+    train = pl.read_parquet(ROOT / config.data.train)
+    folds = pl.read_parquet(store / "tables" / "folds.parquet").select("sample_id", "fold")
+    frame = (train.select(pl.col(config.columns.id).cast(pl.String).alias("sample_id"), *RAW_COLUMNS,
+                          pl.col(config.columns.target).alias("price"))
+             .join(folds.with_columns(pl.col("sample_id").cast(pl.String)), on="sample_id", how="inner")
+             .with_columns(pl.lit("train").alias("split")))
+    frame.write_parquet(out)
+    return frame.height
+
+
+def autogluon(python: str, budget: int, store: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        frame_path, out = Path(tmp) / "raw.parquet", Path(tmp) / "autogluon.json"
+        rows = raw_frame(store, frame_path)
+        with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
+            result = subprocess.run(["/usr/bin/time", "-o", stats.name, "-f", "%e %M", python,
+                                     str(ROOT / "benchmarks" / "autogluon_cv.py"), "--frame", str(frame_path),
+                                     "--budget-s", str(budget), "--out", str(out)], capture_output=True, text=True)
+            if result.returncode != 0:
+                return {"error": result.stderr[-2000:]}
+            wall, peak_kib = stats.read().strip().splitlines()[-1].split()
+        ag = json.loads(out.read_text())
+    return {**ag, "rows": rows, "wall_seconds": float(wall), "peak_rss_mib": round(float(peak_kib) / 1024, 1),
+            "columns": list(RAW_COLUMNS)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budgets", type=int, nargs="+", default=sorted(PRESET_FOR))
+    parser.add_argument("--autogluon-python", default=None)
+    parser.add_argument("--store-root", default=str(ROOT / "benchmarks" / ".stores" / "budget"))
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results["facts"] = run_facts({"ours": "models.threads = 0: every core", "autogluon": "its default: every core"},
+                                 " ".join(["python3", *sys.argv]))
+    results["setup"] = ("Mercari 54,806 listings, 5 folds grouped by seller; this product: `run --preset P "
+                        "--time-limit B` from an empty store; AutoGluon-Tabular: raw columns, same folds, "
+                        "time_limit B/5 per fold")
+    for budget in args.budgets:
+        preset = PRESET_FOR.get(budget, "medium")
+        store = Path(args.store_root) / preset
+        entry = {"budget_seconds": budget, "ours": ours(budget, preset, store)}
+        print(budget, "ours", entry["ours"]["cv_smape"], entry["ours"]["wall_seconds"], flush=True)
+        if args.autogluon_python:
+            entry["autogluon"] = autogluon(args.autogluon_python, budget, store)
+            print(budget, "autogluon", entry["autogluon"].get("cv_smape"), flush=True)
+            ag = entry["autogluon"].get("cv_smape")
+            entry["ours_better"] = ag is not None and entry["ours"]["cv_smape"] < ag
+        results[str(budget)] = entry
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
