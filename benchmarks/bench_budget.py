@@ -97,20 +97,23 @@ def main() -> None:
     parser.add_argument("--autogluon-python", default=None)
     parser.add_argument("--store-root", default=str(ROOT / "benchmarks" / ".stores" / "budget"))
     parser.add_argument("--autogluon-cap", type=float, default=1.5, help="stop AutoGluon after this x its budget")
+    parser.add_argument("--preset", default=None, help="run this preset at every budget (entry <preset>@<budget>): "
+                                                      "e.g. best at 600 s, where the time limit must cut")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results["setup"] = ("Mercari 54,806 listings, 5 folds grouped by seller; this product: `run --preset P "
                         "--time-limit B` from an empty store; AutoGluon-Tabular: raw columns, same folds, "
                         "time_limit B/5 per fold")
     for budget in args.budgets:
-        preset = PRESET_FOR.get(budget, "medium")
+        preset = args.preset or PRESET_FOR.get(budget, "medium")
+        key = str(budget) if args.preset is None else f"{preset}@{budget}"
         store = Path(args.store_root) / preset
         # Each entry is one run, with its own facts (an invocation may write one budget's entry alone).
         entry = {"facts": run_facts({"ours": "models.threads = 0: every core",
                                      "autogluon": "its default: every core"}, " ".join(["python3", *sys.argv])),
                  "budget_seconds": budget, "ours": ours(budget, preset, store)}
         print(budget, "ours", entry["ours"]["cv_smape"], entry["ours"]["wall_seconds"], flush=True)
-        results[str(budget)] = entry
+        results[key] = entry
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         if args.autogluon_python:
             entry["autogluon"] = autogluon(args.autogluon_python, budget, store, args.autogluon_cap)
