@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,16 +77,21 @@ def autogluon(python: str, budget: int, store: Path, cap: float) -> dict:
         frame_path, out = Path(tmp) / "raw.parquet", Path(tmp) / "autogluon.json"
         rows = raw_frame(store, frame_path)
         with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
+            # Its own process group, killed whole at the cap: killing GNU time alone left AutoGluon running (an
+            # orphan that took a core from the next run).
+            process = subprocess.Popen(["/usr/bin/time", "-o", stats.name, "-f", "%e %M", python,
+                                        str(ROOT / "benchmarks" / "autogluon_cv.py"), "--frame", str(frame_path),
+                                        "--budget-s", str(budget), "--out", str(out)], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, start_new_session=True)
             try:
-                result = subprocess.run(["/usr/bin/time", "-o", stats.name, "-f", "%e %M", python,
-                                         str(ROOT / "benchmarks" / "autogluon_cv.py"), "--frame", str(frame_path),
-                                         "--budget-s", str(budget), "--out", str(out)], capture_output=True,
-                                        text=True, timeout=cap * budget)
+                _, stderr = process.communicate(timeout=cap * budget)
             except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
                 return {"stopped": f"no result after {cap:g} x its time_limit ({cap * budget:.0f} s wall)",
                         "rows": rows, "columns": list(RAW_COLUMNS)}
-            if result.returncode != 0:
-                return {"error": result.stderr[-2000:]}
+            if process.returncode != 0:
+                return {"error": stderr[-2000:]}
             wall, peak_kib = stats.read().strip().splitlines()[-1].split()
         ag = json.loads(out.read_text())
     return {**ag, "rows": rows, "wall_seconds": float(wall), "peak_rss_mib": round(float(peak_kib) / 1024, 1),
