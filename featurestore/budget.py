@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 class OverBudget(Exception):  # noqa: N818  (a decision, not an error: the caller records it and goes on)
     """A budgeted step stopped because its projected end passed the deadline; `reason` says by how much."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, projected: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.projected = projected  # seconds the whole step would have taken at its pace so far, when known
 
 
 @dataclass
@@ -49,4 +50,4 @@ class Budget:
         if rest > self.left():
             raise OverBudget(f"{what}: stopped after {done} of {total} units ({spent:.0f} s); the other "
                              f"{total - done} would take about {rest:.0f} s and {max(0.0, self.left()):.0f} s "
-                             "were left")
+                             "were left", projected=spent + rest)

@@ -55,7 +55,8 @@ def expected_seconds(store: FeatureStore, builder: LearnerBuilder) -> float | No
 def train_within(config: Config, store: FeatureStore, budget: Budget, progress: bool = True,
                  engine: Engine | None = None) -> tuple[list[BuildResult], list[Decision]]:
     """Train what fits in `budget`, cheapest first. Up-to-date learners are reused (free). The others go in
-    order of their last measured cost in this store (never measured: after those, in config order): training
+    order of their last measured cost in this store (never measured: after those, in config order; a variant of a
+    learner this run already trained or stopped is expected to cost what that one did): training
     the cheap ones first gives the stack the most learners per second, and a learner's gain to the stack is not
     known before it has trained. A learner whose last measured cost exceeds the time left is skipped; one that
     trains is checked after each fold and stopped when the other folds, at its pace so far, would end past the
@@ -68,26 +69,39 @@ def train_within(config: Config, store: FeatureStore, budget: Budget, progress: 
     fresh = {b.name for b in builders if up_to_date(store, b)}
     cost = {b.name: expected_seconds(store, b) for b in builders}
     order = sorted(builders, key=lambda b: (b.name not in fresh, cost[b.name] is None, cost[b.name] or 0.0))
+    # What this run measured per learner class (a trained learner's time, a stopped one's projection): a variant
+    # never trained here is expected to cost what its class just cost (mlp_sparse_emb what mlp_sparse took),
+    # instead of spending a fold to find out.
+    measured: dict[str, tuple[str, float]] = {}
     built: list[BuildResult] = []
     decisions: list[Decision] = []
     for builder in order:
         left = budget.left()
-        expected = cost[builder.name]
+        expected, source = cost[builder.name], "its last training here took"
+        if expected is None and builder.cls.name in measured:
+            source, expected = measured[builder.cls.name]
         if builder.name not in fresh and built:
             if left <= 0:
                 decisions.append(Decision(builder.name, "skipped", "no time left"))
                 continue
             if expected is not None and expected > left:
-                decisions.append(Decision(builder.name, "skipped", f"its last training here took {expected:.0f} s; "
+                decisions.append(Decision(builder.name, "skipped", f"{source} {expected:.0f} s; "
                                                                    f"{left:.0f} s were left"))
                 continue
+        stop: OverBudget | None = None
         with Timer() as timer:
             try:
                 result = run_builders(ctx, [builder])[0]
-            except OverBudget as stop:
-                decisions.append(Decision(builder.name, "stopped", stop.reason, round(timer.seconds, 1)))
-                log.warning("time limit: %s", stop.reason)
-                continue
+            except OverBudget as exc:
+                stop = exc
+        if stop is not None:
+            decisions.append(Decision(builder.name, "stopped", stop.reason, round(timer.seconds, 1)))
+            if stop.projected is not None:
+                measured[builder.cls.name] = (f"{builder.name}, the same learner, was projected at", stop.projected)
+            log.warning("time limit: %s", stop.reason)
+            continue
+        if builder.name not in fresh:
+            measured[builder.cls.name] = (f"{builder.name}, the same learner, took", timer.seconds)
         action = "reused" if builder.name in fresh else "trained"
         why = ("up to date" if action == "reused" else
                f"{timer.seconds:.0f} s" + (f" (expected {expected:.0f} s)" if expected is not None else ""))

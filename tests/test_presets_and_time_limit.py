@@ -170,3 +170,16 @@ def test_the_stack_study_stops_taking_candidates_at_its_deadline(tmp_path: Path)
     full = run_study("s", inputs, config, 12, storage())  # control: no deadline, the rest are evaluated
     assert sorted(full) == list(range(12))
     assert all(np.isfinite(s.final) for _, s in full.values())
+
+
+def test_a_variant_is_expected_to_cost_what_its_learner_just_took(tmp_path: Path, real_train: pl.DataFrame) -> None:
+    config = _slow_toy_config(tmp_path, real_train, sleep_s=0.4)  # toy: ~1.6 s for 4 folds
+    config = edited(config, {"models.learners": ["ridge", "toy", "toy_2"],
+                             "models.toy_2": {"learner": "toy", "shrink": 2.0}})
+    Context(config).build_features()
+    budget = Budget(3.5)  # ridge + toy fit (~2.2 s); toy_2 would need as long as toy took again (>= 1.6 s)
+    built, decisions = train_within(config, FeatureStore(config.store.dir), budget)
+    assert [(d.learner, d.action) for d in decisions] == [("ridge", "trained"), ("toy", "trained"),
+                                                          ("toy_2", "skipped")]
+    assert "toy, the same learner, took" in decisions[2].reason
+    assert decisions[1].seconds >= 1.6  # a learner's own time is recorded (a stopped one's too)
