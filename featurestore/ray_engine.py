@@ -127,7 +127,10 @@ class RayEngine(Engine):
             return
         threads = self.unit_threads(stage)
         shared_ref = ray.put(shared)  # once per stage, never once per task
-        remote = ray.remote(_task).options(**stage_resources(self._stage(stage)), max_retries=self.settings.retries)
+        # SPREAD: a stage's units are of one size (folds, kNN parts), so they go one per node first; the default
+        # strategy packs short units onto the node that submits them and left a second node idle.
+        remote = ray.remote(_task).options(**stage_resources(self._stage(stage)), max_retries=self.settings.retries,
+                                           scheduling_strategy="SPREAD")
         futures = [remote.remote(fn, shared_ref, unit, threads) for unit in units]
         # When a unit fails, its siblings are left to finish and their results dropped: `ray.cancel` on tasks that
         # were finishing at that moment crashed Ray's core worker ("Tried to complete task that was not pending").
@@ -146,7 +149,8 @@ class RayEngine(Engine):
         threads = self.unit_threads(stage)
         actor = ray.remote(_PartWorker).options(**stage_resources(self._stage(stage)),
                                                 max_restarts=self.settings.retries,
-                                                max_task_retries=self.settings.retries)
+                                                max_task_retries=self.settings.retries,
+                                                scheduling_strategy="SPREAD")
         actors = [actor.remote(worker_class, args, threads) for _ in range(min(len(parts), self._slots(stage)))]
         # Parts go round-robin to the actors (each runs its calls in order); results are read in part order.
         futures = [actors[i % len(actors)].run.remote(part) for i, part in enumerate(parts)]
