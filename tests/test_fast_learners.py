@@ -16,7 +16,7 @@ from torch import nn
 
 from models.base import Inputs
 from models.learners import mlp
-from models.learners.gbdt import GbdtSettings, LightGBMTextLearner
+from models.learners.gbdt import LightGBMSettings, LightGBMTextLearner
 
 
 def _bags(rng: np.random.Generator, n_rows: int, bags: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,7 +80,7 @@ def test_sparse_max_bin_caps_the_sparse_columns_bins_and_only_theirs() -> None:
     fit = np.arange(2500)
 
     def fitted(sparse_max_bin: int) -> lgb.Booster:
-        settings = GbdtSettings(tables=[], rounds=60, learning_rate=0.2, early_stopping_rounds=60, objective="l2",
+        settings = LightGBMSettings(tables=[], rounds=60, learning_rate=0.2, early_stopping_rounds=60, objective="l2",
                                 sparse_max_bin=sparse_max_bin, params={"min_data_in_leaf": 5})
         learner = LightGBMTextLearner(settings, 0, 1, ["dense", "term"], [])
         learner.fit(x.rows(fit), y[fit], x.rows(watch), y[watch])

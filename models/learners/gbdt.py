@@ -38,7 +38,13 @@ class GbdtSettings(WithObjective):
     params: dict[str, Any] = field(default_factory=dict)
     # Sparse tables in `tables`: keep this many columns (most frequent terms in the training rows); 0 = all.
     max_sparse_columns: int = 0
-    # LightGBM: histogram bins of each sparse column (its `max_bin_by_feature`); 0 = `max_bin` like the dense ones.
+
+
+@dataclass
+class LightGBMSettings(GbdtSettings):
+    """`[models.lgbm]`, `[models.lgbm_text]`: the GBDT settings and LightGBM's own."""
+
+    # Histogram bins of each sparse column (LightGBM's `max_bin_by_feature`); 0 = `max_bin` like the dense ones.
     # Split finding scans every bin of every sampled column at every leaf, so 8,000 TF-IDF columns at 255 bins
     # cost most of a Mercari tree; a term's weight carries little beyond its presence and rough size.
     sparse_max_bin: int = at_least(0, 0)
@@ -73,6 +79,7 @@ class LightGBMLearner(_Gbdt):
     file_pattern = "fold{fold}.lgbm.txt"
     reads_sparse = True
     supports_weights = True
+    settings_type = LightGBMSettings
 
     def _params(self) -> dict[str, Any]:
         cfg = self.settings
@@ -90,6 +97,7 @@ class LightGBMLearner(_Gbdt):
     def _fit(self, train: Inputs, y: np.ndarray, watch: Inputs | None, y_watch: np.ndarray | None) -> None:
         assert watch is not None
         cfg = self.settings
+        assert isinstance(cfg, LightGBMSettings)
         params = self._params()
         if cfg.sparse_max_bin and train.sparse is not None:
             dense_bins = int(params.get("max_bin", 255))
@@ -127,7 +135,7 @@ class LightGBMTextLearner(LightGBMLearner):
 
     @classmethod
     def default_settings(cls) -> LearnerSettings:
-        return GbdtSettings(tables=[*GBDT_TABLES, "text_sparse"], learning_rate=0.1, early_stopping_rounds=50,
+        return LightGBMSettings(tables=[*GBDT_TABLES, "text_sparse"], learning_rate=0.1, early_stopping_rounds=50,
                             max_sparse_columns=20_000,
                             params={"num_leaves": 63, "feature_fraction": 0.5, "min_data_in_leaf": 10})
 
