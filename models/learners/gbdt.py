@@ -136,8 +136,8 @@ class LightGBMTextLearner(LightGBMLearner):
     @classmethod
     def default_settings(cls) -> LearnerSettings:
         return LightGBMSettings(tables=[*GBDT_TABLES, "text_sparse"], learning_rate=0.1, early_stopping_rounds=50,
-                            max_sparse_columns=20_000,
-                            params={"num_leaves": 63, "feature_fraction": 0.5, "min_data_in_leaf": 10})
+                                max_sparse_columns=20_000,
+                                params={"num_leaves": 63, "feature_fraction": 0.5, "min_data_in_leaf": 10})
 
 
 @register
