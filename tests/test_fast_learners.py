@@ -50,7 +50,7 @@ def _train_both(threads: int, forget_steps: bool) -> tuple[np.ndarray, np.ndarra
             trainer.steps = 0
         else:  # (the control's weights, and so its sums, part from the reference after its second step)
             np.testing.assert_allclose(sums.detach().numpy(), expected.detach().numpy(), rtol=1e-5, atol=1e-6)
-        trainer.step(grad_out)
+        trainer.step(bag, grad_out)
     return start.numpy(), ours.numpy(), reference.weight.detach().numpy()
 
 

@@ -114,20 +114,19 @@ class _SparseLayerTrainer:
         self.slot = np.zeros(len(self.weight), dtype=np.int64)
         self.steps = 0
         self.threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
-        self._bag: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def forward(self, bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Each bag's weighted sum of its terms' rows: a leaf whose .grad `step` reads after backward."""
+        """Each bag's weighted sum of its terms' rows: a leaf whose .grad `step` takes after backward."""
         numba.set_num_threads(self.threads)
-        self._bag = (bag[0].numpy(), bag[1].numpy(), bag[2].numpy())
-        sums = np.empty((len(self._bag[1]), self.weight.shape[1]), dtype=np.float32)
-        _bag_sums(self.weight, *self._bag, sums)
+        indices, offsets, values = (part.numpy() for part in bag)
+        sums = np.empty((len(offsets), self.weight.shape[1]), dtype=np.float32)
+        _bag_sums(self.weight, indices, offsets, values, sums)
         return torch.from_numpy(sums).requires_grad_(True)
 
-    def step(self, grad_sums: torch.Tensor) -> None:
-        assert self._bag is not None
+    def step(self, bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor], grad_sums: torch.Tensor) -> None:
+        """One lazy Adam step on the rows `bag` touched, given the gradient of `forward(bag)`'s sums."""
         numba.set_num_threads(self.threads)
-        indices, offsets, values = self._bag
+        indices, offsets, values = (part.numpy() for part in bag)
         if len(self.grad) < len(indices):
             self.grad = np.zeros((len(indices), self.weight.shape[1]), dtype=np.float32)
         local = np.empty(len(indices), dtype=np.int64)
@@ -137,7 +136,6 @@ class _SparseLayerTrainer:
         beta1, beta2 = self.betas
         lr_t = self.lr * math.sqrt(1 - beta2 ** self.steps) / (1 - beta1 ** self.steps)
         _adam_rows(self.weight, self.exp_avg, self.exp_avg_sq, self.grad, rows, lr_t, beta1, beta2, self.eps)
-        self._bag = None
 
 
 @numba.njit(parallel=True, cache=True)
@@ -317,7 +315,7 @@ class MLPLearner(BaseLearner):
                 for optimiser in optimisers:
                     optimiser.step()
                 if sparse_trainer is not None and sparse is not None:
-                    sparse_trainer.step(sparse.grad)
+                    sparse_trainer.step(bag, sparse.grad)
             watch_loss = float(np.average(np.abs(_watch_predict(net, watch, binary) - y_watch), weights=watch_weight))
             if watch_loss < best[0]:
                 best = (watch_loss, copy.deepcopy(net.state_dict()), epoch + 1)
