@@ -265,8 +265,7 @@ def online_stats(state: _Online, queries: np.ndarray, ids: np.ndarray, keys: lis
     `knn_features` gives test rows). The folds' neighbour lists are stacked and their statistics computed in one
     call (row by row, so the same digits as one call per fold)."""
     n = len(ids)
-    lists = [_fold_neighbours(state, queries, fold, index, base_rows) for fold, index, base_rows in state.folds]
-    lists = [(sims, idx) for sims, idx in lists if sims.shape[1]]
+    lists = [(sims, idx) for sims, idx in _fold_neighbours(state, queries) if sims.shape[1]]
     if not lists:
         return {}
     width = max(sims.shape[1] for sims, _ in lists)  # shorter lists (a small fold) padded with no neighbour
@@ -289,25 +288,31 @@ def _pad(values: np.ndarray, width: int, fill: float) -> np.ndarray:
     return np.hstack([values, np.full((len(values), width - values.shape[1]), fill, dtype=values.dtype)])
 
 
-def _fold_neighbours(state: _Online, queries: np.ndarray, fold: int, index: faiss.Index | None,
-                     base_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's `state.k` most similar fitting rows of `fold` (indexes into every training row) and their
-    similarities; in no particular order (neighbour_stats orders them by similarity, then id)."""
-    need = min(state.k, len(base_rows))
-    if index is not None:  # an approximate index: the fold's own
-        sims, local = _search_each(index, queries, need, state.threads)
-        return sims, np.where(local >= 0, base_rows[np.maximum(local, 0)], -1)
-    sims = np.empty((len(queries), need), dtype=np.float32)
-    idx = np.empty((len(queries), need), dtype=np.int64)
-    in_fold = state.fold == fold
+def _fold_neighbours(state: _Online, queries: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per fold (state.folds' order), each query's `state.k` most similar fitting rows of that fold (indexes into
+    every training row) and their similarities, in no particular order (neighbour_stats orders them by
+    similarity, then id). Exact: one similarity block over every training row per chunk of queries, each fold's
+    own rows masked out in turn."""
+    needs = [min(state.k, len(base_rows)) for _, _, base_rows in state.folds]
+    if any(index is not None for _, index, _ in state.folds):  # approximate indexes: each fold's own
+        out = []
+        for (_, index, base_rows), need in zip(state.folds, needs, strict=True):
+            sims, local = _search_each(index, queries, need, state.threads)
+            out.append((sims, np.where(local >= 0, base_rows[np.maximum(local, 0)], -1)))
+        return out
+    out = [(np.empty((len(queries), need), dtype=np.float32), np.empty((len(queries), need), dtype=np.int64))
+           for need in needs]
     for start in range(0, len(queries), QUERY_CHUNK):
-        chunk = inner_products(state.vectors, queries[start:start + QUERY_CHUNK], state.threads)
-        chunk[:, in_fold] = -np.inf
-        top = np.argpartition(-chunk, need - 1, axis=1)[:, :need] if need < chunk.shape[1] else np.broadcast_to(
-            np.arange(need), chunk.shape).copy()
-        idx[start:start + len(chunk)] = top
-        sims[start:start + len(chunk)] = np.take_along_axis(chunk, top, axis=1)
-    return sims, idx
+        block = inner_products(state.vectors, queries[start:start + QUERY_CHUNK], state.threads)
+        rows = slice(start, start + len(block))
+        for (fold, _, _), need, (sims, idx) in zip(state.folds, needs, out, strict=True):
+            if not need:
+                continue
+            masked = np.where(state.fold == fold, np.float32(-np.inf), block)
+            top = np.argpartition(-masked, need - 1, axis=1)[:, :need]
+            idx[rows] = top
+            sims[rows] = np.take_along_axis(masked, top, axis=1)
+    return out
 
 
 QUERY_CHUNK = 256  # queries per similarity block: 256 x 55k training rows is 56 MB of float32
