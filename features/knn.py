@@ -291,8 +291,8 @@ def _pad(values: np.ndarray, width: int, fill: float) -> np.ndarray:
 def _fold_neighbours(state: _Online, queries: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per fold (state.folds' order), each query's `state.k` most similar fitting rows of that fold (indexes into
     every training row) and their similarities, in no particular order (neighbour_stats orders them by
-    similarity, then id). Exact: one similarity block over every training row per chunk of queries, each fold's
-    own rows masked out in turn."""
+    similarity, then id). Exact: one similarity block over every training row per chunk of queries, then one
+    scan of it that keeps each fold's best fitting rows."""
     needs = [min(state.k, len(base_rows)) for _, _, base_rows in state.folds]
     if any(index is not None for _, index, _ in state.folds):  # approximate indexes: each fold's own
         out = []
@@ -300,19 +300,54 @@ def _fold_neighbours(state: _Online, queries: np.ndarray) -> list[tuple[np.ndarr
             sims, local = _search_each(index, queries, need, state.threads)
             out.append((sims, np.where(local >= 0, base_rows[np.maximum(local, 0)], -1)))
         return out
-    out = [(np.empty((len(queries), need), dtype=np.float32), np.empty((len(queries), need), dtype=np.int64))
-           for need in needs]
+    position = np.full(len(state.fold), -1, dtype=np.int64)  # each training row's place in state.folds
+    for place, (fold, _, _) in enumerate(state.folds):
+        position[state.fold == fold] = place
+    width = max(needs, default=0)
+    sims = np.full((len(state.folds), len(queries), width), -np.inf, dtype=np.float32)
+    idx = np.full((len(state.folds), len(queries), width), -1, dtype=np.int64)
     for start in range(0, len(queries), QUERY_CHUNK):
         block = inner_products(state.vectors, queries[start:start + QUERY_CHUNK], state.threads)
-        rows = slice(start, start + len(block))
-        for (fold, _, _), need, (sims, idx) in zip(state.folds, needs, out, strict=True):
-            if not need:
+        _fold_top(block, position, np.array(needs, dtype=np.int64), sims[:, start:start + len(block)],
+                  idx[:, start:start + len(block)])
+    return [(sims[place, :, :need], idx[place, :, :need]) for place, need in enumerate(needs)]
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _fold_top(block: np.ndarray, position: np.ndarray, needs: np.ndarray, sims: np.ndarray, idx: np.ndarray) -> None:
+    """Per query (row of `block`) and fold place p, the needs[p] largest similarities among the rows not in p
+    (position != p), by one scan with a bounded min-heap per fold; a tie at a heap's bottom keeps the earlier
+    row. Each query's lists depend only on its own row of `block`: batch invariant."""
+    folds = len(needs)
+    for q in prange(block.shape[0]):
+        floor = -np.inf  # the smallest heap root: most rows fall below it and are passed over in one comparison
+        for j in range(block.shape[1]):
+            value = block[q, j]
+            if not value > floor:
                 continue
-            masked = np.where(state.fold == fold, np.float32(-np.inf), block)
-            top = np.argpartition(-masked, need - 1, axis=1)[:, :need]
-            idx[rows] = top
-            sims[rows] = np.take_along_axis(masked, top, axis=1)
-    return out
+            for p in range(folds):
+                need = needs[p]
+                if position[j] == p or need == 0 or not value > sims[p, q, 0]:
+                    continue
+                # Replace the heap's smallest (its root) and sift it down.
+                at = 0
+                while True:
+                    child = 2 * at + 1
+                    if child >= need:
+                        break
+                    if child + 1 < need and sims[p, q, child + 1] < sims[p, q, child]:
+                        child += 1
+                    if not sims[p, q, child] < value:
+                        break
+                    sims[p, q, at] = sims[p, q, child]
+                    idx[p, q, at] = idx[p, q, child]
+                    at = child
+                sims[p, q, at] = value
+                idx[p, q, at] = j
+            floor = np.inf
+            for p in range(folds):
+                if needs[p] and sims[p, q, 0] < floor:
+                    floor = sims[p, q, 0]
 
 
 QUERY_CHUNK = 256  # queries per similarity block: 256 x 55k training rows is 56 MB of float32
