@@ -3,7 +3,10 @@
 - The sparse MLP's first layer is trained by fused numba kernels (models/learners/mlp.py `_SparseLayerTrainer`):
   its bag sums must equal torch's EmbeddingBag and its steps torch.optim.SparseAdam's (lazy Adam), the reference
   it replaced; a control with the bias correction left out must not match.
-- LightGBM's `sparse_max_bin` caps the bins of sparse columns only (the dense ones keep theirs)."""
+- LightGBM's `sparse_max_bin` caps the bins of sparse columns only (the dense ones keep theirs).
+- The MLP's inference kernel (`_ExactMembers`, issue 27's serving speed) computes each member's float64 torch
+  forward, and a row gets the same bits alone as in a batch; a control that skips the binary variant must not
+  match."""
 
 from __future__ import annotations
 
@@ -91,3 +94,48 @@ def test_sparse_max_bin_caps_the_sparse_columns_bins_and_only_theirs() -> None:
     assert len(_thresholds(capped, 1)) <= 2
     assert len(_thresholds(control, 1)) > 5  # the control: without the cap the term is cut at many points
     assert len(_thresholds(capped, 0)) > 5
+
+
+def _members(rng: np.random.Generator, n_dense: int, vocab: int) -> list[mlp.PriceNet]:
+    torch.manual_seed(0)
+    nets = []
+    for _ in range(4):
+        net = mlp.PriceNet(n_dense, vocab, [16, 8, 4], 0.1)
+        with torch.no_grad():
+            net.sparse.weight.normal_(0, 0.3)
+            net.mean.copy_(torch.from_numpy(rng.standard_normal(n_dense).astype(np.float32)))
+            net.scale.uniform_(0.5, 2.0)
+            net.y_mean.fill_(3.0)
+            net.y_scale.fill_(0.7)
+        nets.append(net.eval())
+    return nets
+
+
+def test_mlp_inference_kernel_is_the_float64_forward_and_batch_invariant() -> None:
+    rng = np.random.default_rng(3)
+    n, n_dense, vocab = 60, 7, 300
+    dense = rng.standard_normal((n, n_dense)).astype(np.float32)
+    dense[3, 2], dense[5, 1] = np.nan, np.inf  # missing sits at the mean; extremes are clipped
+    sparse = sp.random(n, vocab, density=0.05, format="csr", dtype=np.float32, random_state=1)
+    nets = _members(rng, n_dense, vocab)
+    binary = [False, True, False, True]
+    got = mlp._ExactMembers(nets, binary).predict(Inputs(dense, sparse), 2)
+    skipped = mlp._ExactMembers(nets, [False] * 4).predict(Inputs(dense, sparse), 2)
+    for m, net in enumerate(nets):
+        exact = copy_double(net)
+        bag = mlp._bag(sparse, binary[m])
+        with torch.no_grad():
+            out = exact(torch.from_numpy(dense.astype(np.float64)), (bag[0], bag[1], bag[2].double())).numpy()
+        reference = out * float(net.y_scale) + float(net.y_mean)
+        np.testing.assert_allclose(got[m], reference, rtol=0, atol=1e-9)
+        if binary[m]:
+            assert np.abs(skipped[m] - reference).max() > 1e-3, "the control (binary variant skipped) matched"
+    one_by_one = np.concatenate([mlp._ExactMembers(nets, binary).predict(Inputs(dense[i:i + 1], sparse[i:i + 1]), 1)
+                                 for i in range(n)], axis=1)
+    assert np.array_equal(one_by_one, got)
+
+
+def copy_double(net: mlp.PriceNet) -> mlp.PriceNet:
+    import copy
+
+    return copy.deepcopy(net).double()

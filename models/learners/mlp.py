@@ -264,7 +264,7 @@ class MLPLearner(BaseLearner):
         torch.set_num_threads(self.threads)
         nets = [self._fit_member(m, train, y, watch, y_watch) for m in range(max(1, self.settings.members))]
         self.members_ = Members([net for net, _ in nets])
-        self.exact_ = None
+        self.exact_: _ExactMembers | None = None
         self.best_iteration_ = int(np.mean([epochs for _, epochs in nets]))
 
     def _fit_member(self, member: int, train: Inputs, y: np.ndarray, watch: Inputs, y_watch: np.ndarray
@@ -328,10 +328,8 @@ class MLPLearner(BaseLearner):
         # The float64 copies are made once per fitted or loaded model, not per call: a served model predicts a
         # few rows at a time, and copying a 100k-term first layer to float64 took longer than the prediction.
         if getattr(self, "exact_", None) is None:
-            self.exact_ = [_exact(net) for net in self.members_.nets]
-        variants = [self._binary(m) for m in range(len(self.exact_))]
-        outputs = _predict_members(self.exact_, self.members_.nets, variants, x)
-        return np.mean(outputs, axis=0)
+            self.exact_ = _ExactMembers(self.members_.nets, [self._binary(m) for m in range(len(self.members_.nets))])
+        return np.mean(self.exact_.predict(x, self.threads), axis=0)
 
     def _save(self, path: Path) -> None:
         atomic_write(path, lambda tmp: torch.save(self.members_.state_dict(), tmp))
@@ -349,30 +347,87 @@ class MLPLearner(BaseLearner):
 
 
 # Inference digits kept: float32 GEMM kernels round differently with the batch size (~1e-8), so a row priced in a
-# batch of 5 came out unlike the same row in a batch of 20. Inference runs in float64 (differences ~1e-16) and is
-# rounded here, so `predict` on any subset of rows reproduces the pipeline's numbers bit for bit.
+# batch of 5 came out unlike the same row in a batch of 20. Inference runs in float64, each row by the same loops
+# whatever the batch (_members_forward), and is rounded here as well.
 PREDICTION_DECIMALS = 9
 
 
-def _exact(net: PriceNet) -> PriceNet:
-    """A float64 copy of the net without its sparse first layer (a 100k+-row table: copied whole it took seconds
-    per model and doubled a served MLP's memory); `_predict_members` upcasts the rows each call uses
-    (`_sparse_sums`)."""
-    sparse, net.sparse = net.sparse, None
-    try:
-        return copy.deepcopy(net).double().eval()
-    finally:
-        net.sparse = sparse
+class _ExactMembers:
+    """A fold's members for inference: each net's dense layers as float64 arrays stacked over members, and each
+    member's sparse first layer as it is (float32; a 100k+-row table copied to float64 took seconds per model and
+    doubled a served MLP's memory: the kernel upcasts the rows a row uses). One numba call prices every row with
+    every member: a served row goes through up to 50 fold-member nets, and the torch path (an embedding bag and
+    eight ops per net) spent most of its time dispatching ops on a few rows."""
+
+    def __init__(self, nets: list[PriceNet], binary: list[bool]) -> None:
+        def stacked(tensors: list[torch.Tensor]) -> np.ndarray:
+            return np.ascontiguousarray(np.stack([t.detach().numpy().astype(np.float64) for t in tensors]))
+
+        # Per net, its linear layers in order: the dense first layer, then the head's.
+        linears = [[net.dense, *(layer for layer in net.head if isinstance(layer, nn.Linear))] for net in nets]
+        self.mean = stacked([net.mean for net in nets])
+        self.scale = stacked([net.scale for net in nets])
+        self.layers = numba.typed.List([stacked([own[i].weight for own in linears]) for i in range(len(linears[0]))])
+        self.biases = numba.typed.List([stacked([own[i].bias for own in linears]) for i in range(len(linears[0]))])
+        self.sparse = numba.typed.List([net.sparse.weight.detach().numpy() if net.sparse is not None
+                                        else np.zeros((0, net.dense.out_features), dtype=np.float32)
+                                        for net in nets])
+        self.binary = np.array(binary, dtype=np.bool_)
+        self.y_mean = np.array([float(net.y_mean) for net in nets])
+        self.y_scale = np.array([float(net.y_scale) for net in nets])
+
+    def predict(self, x: Inputs, threads: int) -> np.ndarray:
+        """(members, rows): each member's prediction in the target's space, rounded to PREDICTION_DECIMALS."""
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        matrix = x.sparse if x.sparse is not None else sp.csr_matrix((len(x), 0), dtype=np.float32)
+        matrix = sp.csr_matrix(matrix)
+        matrix.sort_indices()
+        out = np.empty((len(self.mean), len(x)), dtype=np.float64)
+        _members_forward(np.ascontiguousarray(x.dense, dtype=np.float32), matrix.indptr.astype(np.int64),
+                         matrix.indices.astype(np.int64), matrix.data.astype(np.float32), self.mean, self.scale,
+                         self.layers, self.biases, self.sparse, self.binary, out)
+        return np.round(out * self.y_scale[:, None] + self.y_mean[:, None], PREDICTION_DECIMALS)
 
 
-def _sparse_sums(weight: torch.Tensor, bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dtype: torch.dtype
-                 ) -> torch.Tensor:
-    """Inference's sparse first layer: each bag's sum over only the rows of `weight` it uses, gathered in `dtype`
-    (float64 inference upcasts those rows, never the whole table). The same sums in the same order as over the
-    whole table."""
-    rows, local = torch.unique(bag[0], return_inverse=True)
-    table = weight.detach().index_select(0, rows).to(dtype)
-    return torch.nn.functional.embedding_bag(local, table, bag[1], mode="sum", per_sample_weights=bag[2].to(dtype))
+@numba.njit(parallel=True, fastmath={"reassoc", "contract"}, nogil=True, cache=True)
+def _members_forward(dense, indptr, indices, values, mean, scale, layers, biases, sparse, binary, out):  # noqa: ANN001
+    # Per row (in parallel) and member: standardise (missing at the mean, clipped to +-10), first layer = dense
+    # product + bias + the row's sparse terms (the binary variant sees 1 for every present term), then ReLU and
+    # the hidden layers, the last one linear. Every sum runs over its inputs in one fixed order, so a row gets the
+    # same bits alone or in any batch (reassociation only lets those loops be vectorised, in a fixed way; no
+    # finite-math flags, so the NaN test stays; dropout is off in inference).
+    members, n_dense = mean.shape
+    for row in prange(dense.shape[0]):
+        x = np.empty(n_dense)
+        for m in range(members):
+            for i in range(n_dense):
+                value = (np.float64(dense[row, i]) - mean[m, i]) / scale[m, i]
+                if np.isnan(value):
+                    value = 0.0
+                x[i] = min(10.0, max(-10.0, value))
+            first = layers[0]
+            h = np.empty(first.shape[1])
+            for o in range(first.shape[1]):
+                total = biases[0][m, o]
+                for i in range(n_dense):
+                    total += first[m, o, i] * x[i]
+                h[o] = total
+            table = sparse[m]
+            if table.shape[0]:
+                for at in range(indptr[row], indptr[row + 1]):
+                    weight = 1.0 if binary[m] else np.float64(values[at])
+                    for o in range(first.shape[1]):
+                        h[o] += weight * np.float64(table[indices[at], o])
+            for layer in range(1, len(layers)):
+                w = layers[layer]
+                nxt = np.empty(w.shape[1])
+                for o in range(w.shape[1]):
+                    total = biases[layer][m, o]
+                    for i in range(w.shape[2]):
+                        total += w[m, o, i] * max(h[i], 0.0)
+                    nxt[o] = total
+                h = nxt
+            out[m, row] = h[0]
 
 
 @torch.no_grad()
@@ -384,23 +439,6 @@ def _watch_predict(net: PriceNet, x: Inputs, binary: bool) -> np.ndarray:
     out = [net(dense, bag).numpy() for _, dense, bag in _batches(x, np.arange(len(x)), 4096, binary)]
     scaled = np.concatenate(out).astype(np.float64) if out else np.zeros(0, dtype=np.float64)
     return scaled * float(net.y_scale) + float(net.y_mean)
-
-
-@torch.no_grad()
-def _predict_members(exact: list[PriceNet], nets: list[PriceNet], binary: list[bool], x: Inputs) -> list[np.ndarray]:
-    """Each member's prediction (float64 inference, rounded). Each chunk's rows and sparse bags are made once for
-    all members (per variant), not once per member: a served row goes through up to 20 fold-member nets."""
-    out: list[list[np.ndarray]] = [[] for _ in nets]
-    for start in range(0, len(x), 4096):
-        part = x.rows(np.arange(start, min(start + 4096, len(x))))
-        dense = torch.from_numpy(part.dense.astype(np.float64))
-        bags = {variant: _bag(part.sparse, variant) for variant in set(binary)}
-        for m, variant in enumerate(binary):
-            bag, sparse = bags[variant], nets[m].sparse
-            sums = None if sparse is None or bag is None else _sparse_sums(sparse.weight, bag, torch.float64)
-            out[m].append(exact[m].after_sparse(dense, sums).numpy())
-    return [np.round((np.concatenate(o) if o else np.zeros(0, dtype=np.float64)) * float(net.y_scale)
-                     + float(net.y_mean), PREDICTION_DECIMALS) for o, net in zip(out, nets, strict=True)]
 
 
 @register
