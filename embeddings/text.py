@@ -44,9 +44,10 @@ def backend_of(tcfg: TextEmbeddingConfig) -> str:
     return tcfg.backend
 
 
-def load_sentence_model(name: str, tcfg: TextEmbeddingConfig, threads: int) -> Any:
+def load_sentence_model(name: str, tcfg: TextEmbeddingConfig, threads: int, online: bool = False) -> Any:
     """A model with sentence-transformers' `encode` contract, on the configured device and backend, its CPU
-    inference pinned to `threads`."""
+    inference pinned to `threads`; `online`: encoding a few texts one per batch (OnnxSentenceEncoder's
+    rows_in_parallel)."""
     from sentence_transformers import SentenceTransformer
 
     device = resolve_device(tcfg.device)
@@ -60,7 +61,7 @@ def load_sentence_model(name: str, tcfg: TextEmbeddingConfig, threads: int) -> A
                             "folder (use the minilm/mpnet aliases, a local folder, or backend = \"torch\")")
         alias = table_name(name).removeprefix(TEXT_EMB_PREFIX)
         onnx_path = exported_model(model, alias, Path(path), Path(tcfg.cache_dir).expanduser(), backend)
-        return OnnxSentenceEncoder(model, onnx_path, threads=threads)
+        return OnnxSentenceEncoder(model, onnx_path, threads=threads, rows_in_parallel=online)
     if device.startswith("cuda"):
         model.half()
     return model
@@ -108,11 +109,12 @@ class TextEncoder:
     so the model loads once per worker). A part is a frame of (sample_id, text); the result is (sample_id,
     embedding) plus what the manifest records about the model."""
 
-    def __init__(self, model_name: str, tcfg: TextEmbeddingConfig, batch_size: int, threads: int) -> None:
+    def __init__(self, model_name: str, tcfg: TextEmbeddingConfig, batch_size: int, threads: int,
+                 online: bool = False) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        self.model = load_sentence_model(model_name, tcfg, threads)
+        self.model = load_sentence_model(model_name, tcfg, threads, online)
         self.batch_size, self.long_text = batch_size, tcfg.long_text
         # sentence-transformers 6 renamed the method; older releases only have the first name.
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
@@ -190,7 +192,7 @@ class TextEmbeddingBuilder(FeatureBuilder):
         move with the other rows sent with it."""
         tcfg = self.config.text_embeddings
         resolved = dataclasses.replace(tcfg, device=resolve_device(tcfg.device), backend=backend_of(tcfg))
-        return TextEncoder(self.model_name, resolved, 1, threads)
+        return TextEncoder(self.model_name, resolved, 1, threads, online=True)
 
     def online(self, state: TextEncoder, rows: OnlineRows) -> pl.DataFrame:
         return state(rows.tables["items"].select("sample_id", "text"))[0]

@@ -353,21 +353,23 @@ PREDICTION_DECIMALS = 9
 
 
 class _ExactMembers:
-    """A fold's members for inference: each net's dense layers as float64 arrays stacked over members, and each
-    member's sparse first layer as it is (float32; a 100k+-row table copied to float64 took seconds per model and
-    doubled a served MLP's memory: the kernel upcasts the rows a row uses). One numba call prices every row with
-    every member: a served row goes through up to 50 fold-member nets, and the torch path (an embedding bag and
-    eight ops per net) spent most of its time dispatching ops on a few rows."""
+    """A fold's members for inference: each net's dense layers stacked over members, and each member's sparse first
+    layer as it is (a 100k+-row table copied to float64 took seconds per model and doubled a served MLP's memory);
+    weights stay float32 and the kernel computes in float64, upcasting each weight as it reads it. One numba call
+    prices every row with every member: a served row goes through up to 50 fold-member nets, and the torch path
+    (an embedding bag and eight ops per net) spent most of its time dispatching ops on a few rows."""
 
     def __init__(self, nets: list[PriceNet], binary: list[bool]) -> None:
-        def stacked(tensors: list[torch.Tensor]) -> np.ndarray:
-            return np.ascontiguousarray(np.stack([t.detach().numpy().astype(np.float64) for t in tensors]))
+        def stacked(tensors: list[torch.Tensor], dtype: type = np.float64) -> np.ndarray:
+            return np.ascontiguousarray(np.stack([t.detach().numpy().astype(dtype) for t in tensors]))
 
         # Per net, its linear layers in order: the dense first layer, then the head's.
         linears = [[net.dense, *(layer for layer in net.head if isinstance(layer, nn.Linear))] for net in nets]
         self.mean = stacked([net.mean for net in nets])
         self.scale = stacked([net.scale for net in nets])
-        self.layers = numba.typed.List([stacked([own[i].weight for own in linears]) for i in range(len(linears[0]))])
+        # Weights stay float32 (upcast exactly as they are read): half the bytes to stream for every row.
+        self.layers = numba.typed.List([stacked([own[i].weight.T for own in linears], np.float32)
+                                        for i in range(len(linears[0]))])
         self.biases = numba.typed.List([stacked([own[i].bias for own in linears]) for i in range(len(linears[0]))])
         self.sparse = numba.typed.List([net.sparse.weight.detach().numpy() if net.sparse is not None
                                         else np.zeros((0, net.dense.out_features), dtype=np.float32)
@@ -389,43 +391,40 @@ class _ExactMembers:
         return np.round(out * self.y_scale[:, None] + self.y_mean[:, None], PREDICTION_DECIMALS)
 
 
-@numba.njit(parallel=True, fastmath={"reassoc", "contract"}, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def _members_forward(dense, indptr, indices, values, mean, scale, layers, biases, sparse, binary, out):  # noqa: ANN001
-    # Per row (in parallel) and member: standardise (missing at the mean, clipped to +-10), first layer = dense
-    # product + bias + the row's sparse terms (the binary variant sees 1 for every present term), then ReLU and
-    # the hidden layers, the last one linear. Every sum runs over its inputs in one fixed order, so a row gets the
-    # same bits alone or in any batch (reassociation only lets those loops be vectorised, in a fixed way; no
-    # finite-math flags, so the NaN test stays; dropout is off in inference).
+    # Per row (in parallel) and member: standardise (missing at the mean, clipped to +-10), first layer = bias +
+    # dense product + the row's sparse terms (the binary variant sees 1 for every present term), then ReLU and
+    # the hidden layers, the last one linear. Weights are stored (member, in, out): each layer adds input i's
+    # contribution to every output in turn (a loop over contiguous outputs that vectorises as it is), so every
+    # output is summed over its inputs in one fixed order and a row gets the same bits alone or in any batch
+    # (dropout is off in inference).
     members, n_dense = mean.shape
     for row in prange(dense.shape[0]):
-        x = np.empty(n_dense)
         for m in range(members):
+            first = layers[0]
+            h = biases[0][m].copy()
             for i in range(n_dense):
                 value = (np.float64(dense[row, i]) - mean[m, i]) / scale[m, i]
                 if np.isnan(value):
                     value = 0.0
-                x[i] = min(10.0, max(-10.0, value))
-            first = layers[0]
-            h = np.empty(first.shape[1])
-            for o in range(first.shape[1]):
-                total = biases[0][m, o]
-                for i in range(n_dense):
-                    total += first[m, o, i] * x[i]
-                h[o] = total
+                value = min(10.0, max(-10.0, value))
+                for o in range(first.shape[2]):
+                    h[o] += value * np.float64(first[m, i, o])
             table = sparse[m]
             if table.shape[0]:
                 for at in range(indptr[row], indptr[row + 1]):
                     weight = 1.0 if binary[m] else np.float64(values[at])
-                    for o in range(first.shape[1]):
-                        h[o] += weight * np.float64(table[indices[at], o])
+                    column = indices[at]
+                    for o in range(first.shape[2]):
+                        h[o] += weight * np.float64(table[column, o])
             for layer in range(1, len(layers)):
                 w = layers[layer]
-                nxt = np.empty(w.shape[1])
-                for o in range(w.shape[1]):
-                    total = biases[layer][m, o]
-                    for i in range(w.shape[2]):
-                        total += w[m, o, i] * max(h[i], 0.0)
-                    nxt[o] = total
+                nxt = biases[layer][m].copy()
+                for i in range(w.shape[1]):
+                    value = max(h[i], 0.0)
+                    for o in range(w.shape[2]):
+                        nxt[o] += value * np.float64(w[m, i, o])
                 h = nxt
             out[m, row] = h[0]
 
