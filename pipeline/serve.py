@@ -53,8 +53,14 @@ class Batcher:
     column present and no id in two of them. A batch that fails (one request's bad row) is run again request by
     request, so each request gets its own result or its own one-line error."""
 
-    def __init__(self, predictor: Predictor, id_column: str, max_rows: int = 256) -> None:
+    def __init__(self, predictor: Predictor, id_column: str, max_rows: int = 256, gather_ms: float = 10.0) -> None:
         self.predictor, self.id_column, self.max_rows = predictor, id_column, max_rows
+        # Fewer requests waiting than there are clients about (those answered by the last batch plus those that
+        # waited through it): wait up to gather_ms for the rest. Clients answered together send again a few ms
+        # apart; without the wait the first to come back was priced alone and the others waited a whole batch
+        # behind it (8 clients split into two alternating half batches). One client never waits.
+        self.gather_s = gather_ms / 1000
+        self._clients = 1
         self._queue: list[_Job] = []
         self._ready = threading.Condition()
         self.counts = {"requests": 0, "batches": 0}  # /health shows them: requests per batch says how much it helps
@@ -87,6 +93,12 @@ class Batcher:
             with self._ready:
                 while not self._queue and not self._closed:
                     self._ready.wait()
+                deadline = time.monotonic() + self.gather_s
+                while not self._closed and 0 < len(self._queue) < self._clients:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._ready.wait(left)
                 if not self._queue:
                     return
                 try:
@@ -118,6 +130,16 @@ class Batcher:
         return batch
 
     def _run(self, batch: list[_Job]) -> None:
+        try:
+            self._price(batch)
+        finally:
+            with self._ready:  # counted before anyone is answered: an answered client's next request is not here yet
+                self._clients = len(batch) + len(self._queue)
+            for job in batch:
+                job.done.set()
+
+    def _price(self, batch: list[_Job]) -> None:
+        """Each job's result or error (the caller answers them)."""
         self.counts["requests"] += len(batch)
         self.counts["batches"] += 1
         if len(batch) > 1:
@@ -132,14 +154,12 @@ class Batcher:
                     part = out.slice(start, job.frame.height)
                     job.result = part if job.learners else part.select("sample_id", "price")
                     start += job.frame.height
-                    job.done.set()
                 return
         for job in batch:
             try:
                 job.result = self.predictor.predict(job.frame, "request", job.learners)
             except Exception as exc:  # noqa: BLE001  handed to the request's thread, raised there
                 job.error = exc
-            job.done.set()
 
 
 def _same_shape(a: pl.DataFrame, b: pl.DataFrame) -> bool:

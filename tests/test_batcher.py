@@ -1,6 +1,7 @@
 """`serve`'s adaptive batching (pipeline.serve.Batcher) on a stand-in predictor: requests waiting together are
 priced in one call and each gets its own rows back; a bad request fails alone; clashing ids and other columns
-wait for another batch; a closed batcher (after a reload) ends its worker and still answers late requests."""
+wait for another batch; a closed batcher (after a reload) ends its worker and still answers late requests; clients
+answered together and sending again a few ms apart are gathered into one batch again."""
 
 from __future__ import annotations
 
@@ -97,3 +98,33 @@ def test_requests_without_usable_ids_are_priced_alone(ids: list) -> None:
     frame = pl.DataFrame({"id": ids, "x": [1.0]})
     results = _send_together(batcher, [frame, frame.clone()])
     assert len(predictor.calls) == 2 and all(isinstance(r, pl.DataFrame) and r.height == 1 for r in results)
+
+
+def _clients(batcher: Batcher, clients: int, rounds: int, stagger_s: float) -> None:
+    """Closed-loop clients: each sends its next request `stagger_s` x its number after its last answer."""
+    def client(i: int) -> None:
+        for r in range(rounds):
+            time.sleep(stagger_s * i)
+            out = batcher.predict(pl.DataFrame({"id": [1000 * i + r], "x": [float(i)]}))
+            assert out["price"].to_list() == [2.0 * i]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+@pytest.mark.parametrize("gather_ms", [0.0, 20.0])
+def test_clients_coming_back_a_few_ms_apart_are_gathered_into_one_batch(gather_ms: float) -> None:
+    """Four clients, each back 2 ms after the one before: with the gather window every round after the first is
+    one call of four; without it (the control) the first one back is priced alone and the rounds split."""
+    predictor = _Slow()
+    batcher = Batcher(predictor, "id", gather_ms=gather_ms)  # type: ignore[arg-type]
+    _clients(batcher, 4, 6, 0.002)
+    full = sum(len(call) == 4 for call in predictor.calls)
+    if gather_ms:
+        assert full >= 5, predictor.calls
+        assert len(predictor.calls) <= 8, predictor.calls
+    else:
+        assert full <= 1, predictor.calls
