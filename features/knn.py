@@ -130,7 +130,6 @@ class _Search:
     vectors: np.ndarray
     log_price: np.ndarray
     keys: list[np.ndarray]
-    test_rows: np.ndarray
     k: int  # neighbours fetched: max(ks) + margin
     ks: list[int]
     prefix: str
@@ -138,10 +137,10 @@ class _Search:
 
 
 def _search_fold(s: _Search, unit: tuple[np.ndarray, np.ndarray], threads: int) -> dict[str, np.ndarray]:
-    """One fold: its rows and every test row query the fold's fitting rows. The kNN stage's unit."""
+    """One fold: its rows query the fold's fitting rows. The kNN stage's unit."""
     query_rows, base_rows = unit
     faiss.omp_set_num_threads(threads)
-    queries = np.concatenate([query_rows, s.test_rows])
+    queries = query_rows
     sims, idx = search(s.vectors[base_rows], s.vectors[queries], s.k, s.index_kind)
     return neighbour_stats(sims, idx, s.ids[base_rows], s.log_price[base_rows], [k[base_rows] for k in s.keys],
                            s.ids[queries], [k[queries] for k in s.keys], s.ks, s.prefix)
@@ -151,26 +150,43 @@ def knn_features(
     ids: np.ndarray, vectors: np.ndarray, log_price: np.ndarray, fold: np.ndarray, keys: list[np.ndarray],
     ks: list[int], prefix: str, index_kind: str = "flat", engine: Engine | None = None,
 ) -> dict[str, np.ndarray]:
-    """Features for every row. fold = -1 marks test rows (unlabelled); train rows have fold >= 0. One unit per
-    fold on `engine` (default: here, every core); results are combined in fold order."""
+    """Features for every row. fold = -1 marks test rows (unlabelled); train rows have fold >= 0. Training rows:
+    one unit per fold on `engine` (default: here, every core), combined in fold order. Test rows: here, by the
+    code that prices new rows (`online_stats`), so a stored test row's statistics are what `predict` and `serve`
+    compute for the same row, bit for bit."""
     n = len(ids)
     engine = engine or LocalEngine(os.cpu_count() or 1)
     # Fetch enough extra neighbours that skipping every duplicate of a query still leaves max(ks) of them.
     margin = TIE_MARGIN + sum(_largest_group(k) for k in keys)
     columns: dict[str, np.ndarray] = {}
-    test_rows = np.flatnonzero(fold < 0)
-    # Test rows: per statistic, the mean over the folds that could compute it.
-    test_mean: dict[str, FoldMean] = {}
-    # Each fold queries the other folds; so does every test row, once per fold, and averages what it finds.
+    # Each fold queries the other folds.
     plan = [(query_rows, base_rows) for _, query_rows, base_rows in fold_plan(fold) if len(base_rows)]
-    shared = _Search(ids, vectors, log_price, keys, test_rows, max(ks) + margin, ks, prefix, index_kind)
+    shared = _Search(ids, vectors, log_price, keys, max(ks) + margin, ks, prefix, index_kind)
     for (query_rows, _), stats in zip(plan, engine.map("knn", _search_fold, plan, shared), strict=True):
         for name, values in stats.items():
-            columns.setdefault(name, np.full(n, np.nan))[query_rows] = values[: len(query_rows)]
-            test_mean.setdefault(name, FoldMean(len(test_rows))).add(values[len(query_rows):])
-    for name, mean in test_mean.items():
-        columns[name][test_rows] = mean.mean()
+            columns.setdefault(name, np.full(n, np.nan))[query_rows] = values
+    # Every test row searches each fold's fitting rows and gets the mean over folds of what it finds.
+    test_rows, train_rows = np.flatnonzero(fold < 0), np.flatnonzero(fold >= 0)
+    if len(test_rows) and len(train_rows):
+        state = online_search_state(ids[train_rows], vectors[train_rows], log_price[train_rows],
+                                    [k[train_rows] for k in keys], fold[train_rows], ks, index_kind,
+                                    os.cpu_count() or 1)
+        stats = online_stats(state, vectors[test_rows], ids[test_rows], [k[test_rows] for k in keys], prefix)
+        for name, values in stats.items():
+            columns.setdefault(name, np.full(n, np.nan))[test_rows] = values
     return columns
+
+
+def online_search_state(ids: np.ndarray, vectors: np.ndarray, log_price: np.ndarray, keys: list[np.ndarray],
+                        fold: np.ndarray, ks: list[int], kind: str, threads: int) -> _Online:
+    """What pricing rows outside the training set reads (training rows only, fold >= 0): their vectors, prices,
+    folds and duplicate keys, each fold's fitting rows, and for an approximate index one index per fold."""
+    faiss.omp_set_num_threads(threads)
+    folds = [(f, None if kind == "flat" else build_index(vectors[base_rows], kind), base_rows)
+             for f, _, base_rows in fold_plan(fold)]
+    k = max(ks) + TIE_MARGIN + sum(_largest_group(key) for key in keys)
+    return _Online(ids, log_price, keys, fold, np.ascontiguousarray(vectors, dtype=np.float32), folds, k, list(ks),
+                   threads)
 
 
 class KnnBuilder(FeatureBuilder):
@@ -241,14 +257,9 @@ class KnnBuilder(FeatureBuilder):
             tables.append(_normalised(table))
         vectors = self._vectors(tables)
         keys = self._keys(frame, lambda: trained.read("image_files", columns=["sample_id", "sha256"]))
-        kind = self.config.knn.index
-        faiss.omp_set_num_threads(threads)
-        folds = [(fold, None if kind == "flat" else build_index(vectors[base_rows], kind), base_rows)
-                 for fold, _, base_rows in fold_plan(frame["fold"].to_numpy())]
-        ks = list(self.config.knn.ks)
-        k = max(ks) + TIE_MARGIN + sum(_largest_group(key) for key in keys)
-        return _Online(frame["sample_id"].to_numpy(), np.log1p(frame["price"].to_numpy()), keys,
-                       frame["fold"].to_numpy(), vectors, folds, k, ks, threads)
+        return online_search_state(frame["sample_id"].to_numpy(), vectors, np.log1p(frame["price"].to_numpy()), keys,
+                                   frame["fold"].to_numpy(), list(self.config.knn.ks), self.config.knn.index,
+                                   threads)
 
     def online(self, state: _Online, rows: OnlineRows) -> pl.DataFrame:
         items = rows.tables["items"]
