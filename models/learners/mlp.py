@@ -381,9 +381,9 @@ class _ExactMembers:
     def predict(self, x: Inputs, threads: int) -> np.ndarray:
         """(members, rows): each member's prediction in the target's space, rounded to PREDICTION_DECIMALS."""
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        matrix = x.sparse if x.sparse is not None else sp.csr_matrix((len(x), 0), dtype=np.float32)
-        matrix = sp.csr_matrix(matrix)
-        matrix.sort_indices()
+        # Each row's terms in column order (a sorted copy: the caller's matrix is shared by every fold's model).
+        matrix = (sp.csr_matrix((len(x), 0), dtype=np.float32) if x.sparse is None
+                  else sp.csr_matrix(x.sparse).sorted_indices())
         out = np.empty((len(self.mean), len(x)), dtype=np.float64)
         _members_forward(np.ascontiguousarray(x.dense, dtype=np.float32), matrix.indptr.astype(np.int64),
                          matrix.indices.astype(np.int64), matrix.data.astype(np.float32), self.mean, self.scale,
