@@ -26,7 +26,7 @@ import polars as pl
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows
+from featurestore.builders import BuildContext, Built, FeatureBuilder, OnlineRows, in_row_order
 from featurestore.config import Config, SparseFieldConfig
 from featurestore.errors import ConfigError, StaleTable
 from featurestore.sparse import COLUMN_NAMES_KEY, csr_to_frame
@@ -109,6 +109,8 @@ class FittedField:
         a 100k-term vocabulary took longer than transforming a served request's few texts."""
         if not self.vocabulary:
             return sp.csr_matrix((len(texts), 0), dtype=np.float32)
+        if self.spec.analyzer == "onehot":
+            return self._onehot(texts)
         if getattr(self, "_fitted", None) is None:
             vectorizer = _vectorizer(self.spec, self.sublinear_tf, 1)
             vectorizer.set_params(vocabulary=self.vocabulary, max_features=None)
@@ -118,6 +120,17 @@ class FittedField:
                 vectorizer.fit(["x"])  # one-hot (no idf): fitting only fixes the given vocabulary
             self._fitted = vectorizer
         return self._fitted.transform(texts).tocsr().astype(np.float32)
+
+    def _onehot(self, texts: list[str]) -> sp.csr_matrix:
+        """A one-hot field's rows looked up directly: each value is one token (whole_value), counted once, with no
+        idf and no norm, so its column holds 1.0, as the fitted vectorizer gives it. sklearn's validation and
+        counting took ~0.4 ms per field for a served request's few rows."""
+        found = [self.vocabulary.get(tokens[0]) if tokens else None for tokens in map(whole_value, texts)]
+        indptr = np.zeros(len(texts) + 1, dtype=np.int32)
+        indptr[1:] = np.cumsum([column is not None for column in found])
+        indices = np.array([column for column in found if column is not None], dtype=np.int32)
+        return sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr),
+                             shape=(len(texts), len(self.vocabulary)))
 
     @property
     def terms(self) -> list[str]:
@@ -159,16 +172,11 @@ class TextSparseBuilder(FeatureBuilder):
         """One text per row of `ids`: the field's columns joined; `read(table, column)` gives (sample_id,
         column) of a source table, or raises ConfigError when it has no such column."""
         frame = ids
-        names = []
-        for number, source in enumerate(spec.columns):
+        for source in dict.fromkeys(spec.columns):
             table, _, column = source.partition(".")
-            name = f"_c{number}"
-            part = read(table, column).select("sample_id", pl.col(column).cast(pl.String).alias(name))
+            part = read(table, column).select("sample_id", pl.col(column).cast(pl.String).alias(source))
             frame = frame.join(part, on="sample_id", how="left", maintain_order="left")
-            names.append(name)
-        # A missing value becomes "": no token, so a missing category gets no column (not a "" category).
-        return frame.select(pl.concat_str([pl.col(n).fill_null("") for n in names], separator=" ")
-                            .str.strip_chars().alias("t"))["t"].to_list()
+        return frame.select(_field_text(spec))["t"].to_list()
 
     def build(self, ctx: BuildContext) -> Built:
         cfg = self.config.text_sparse
@@ -214,17 +222,28 @@ class TextSparseBuilder(FeatureBuilder):
         return _vocabulary(trained, info)
 
     def online(self, state: list[FittedField], rows: OnlineRows) -> pl.DataFrame:
-        ids = rows.tables["items"].select("sample_id")
+        """The fields' texts as `_texts` gives them, from the new rows' tables (in items' row order: no join per
+        source column, and one query for every field), through the stored vocabulary."""
+        items = rows.tables["items"]
+        columns = {}
+        for field in state:
+            for source in field.spec.columns:
+                table, _, column = source.partition(".")
+                frame = in_row_order(items, rows.tables[table])
+                if column not in frame.columns:
+                    raise ConfigError(f"text_sparse field '{source}': table {table} has no column {column!r}")
+                columns[source] = frame[column].cast(pl.String)
+        texts = pl.DataFrame(columns).select(_field_text(field.spec).alias(f"t{number}")
+                                             for number, field in enumerate(state))
+        blocks = [field.transform(texts[f"t{number}"].to_list()) for number, field in enumerate(state)]
+        return csr_to_frame(items["sample_id"], sp.hstack(blocks, format="csr", dtype=np.float32))
 
-        def read(table: str, column: str) -> pl.DataFrame:
-            frame = rows.tables[table]
-            if column not in frame.columns:
-                raise ConfigError(f"text_sparse field '{table}.{column}': table {table} has no column {column!r}")
-            return frame.select("sample_id", column)
 
-        texts = [self._texts(read, ids, field.spec) for field in state]
-        blocks = [field.transform(text) for field, text in zip(state, texts, strict=True)]
-        return csr_to_frame(ids["sample_id"], sp.hstack(blocks, format="csr", dtype=np.float32))
+def _field_text(spec: SparseFieldConfig) -> pl.Expr:
+    """A field's text from its source columns (each a String column named by its source, "table.column"): the
+    values joined by spaces, a missing value as "" (no token, so a missing category gets no column)."""
+    return (pl.concat_str([pl.col(source).fill_null("") for source in spec.columns], separator=" ")
+            .str.strip_chars().alias("t"))
 
 
 def _vocabulary(store: FeatureStore, info: Any) -> list[FittedField]:

@@ -75,10 +75,10 @@ class _Learner:
             self.folds.append(learner.load(model_dir / learner.file_pattern.format(fold=k)))
         self.target = task_target(config)
 
-    def predict_price(self, tables: dict[str, pl.DataFrame]) -> np.ndarray:
+    def predict_price(self, tables: dict[str, pl.DataFrame], shared: dict | None = None) -> np.ndarray:
         """Each new row's price: the mean over fold models in the target's space, as `cross_fit` gave test rows
-        (the stack reads its log1p, as from the oof__ table's pred_log)."""
-        x = online_inputs(self.spec, tables)
+        (the stack reads its log1p, as from the oof__ table's pred_log). `shared`: online_inputs' per-call cache."""
+        x = online_inputs(self.spec, tables, shared)
         mean = FoldMean(len(x))
         for learner in self.folds:
             mean.add(learner.predict(x))
@@ -120,7 +120,8 @@ class Predictor:
                 # Every table in the new rows' order ("items" sets it), one row each.
                 rows.tables[builder.table] = table if builder.table == "items" else in_row_order(
                     rows.tables["items"], table)
-            base = {learner.name: learner.predict_price(rows.tables) for learner in self.learners}
+            shared: dict = {}  # inputs the learners have in common, made once per call
+            base = {learner.name: learner.predict_price(rows.tables, shared) for learner in self.learners}
             x = np.column_stack([self._meta_column(name, base, rows.tables) for name in self.feature_names])
             price = np.clip(np.expm1(self.meta.predict(x)), 0.01, None)
         out = rows.tables["items"].select("sample_id").with_columns(pl.Series("price", price))
