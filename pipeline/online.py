@@ -10,8 +10,9 @@ fold models (mean over folds, as for test rows in training) and the meta-learner
 Guaranteed: a row's price does not depend on the other rows sent with it (encoders run one row per batch, kNN
 search uses one kernel whatever the batch size, the MLPs predict in float64, metas row by row); the same rows
 give the same prices as the stack's own test predictions when the feature tables were built the same way (see
-tests/test_online.py). Not guaranteed: with int8 ONNX text encoders the stack's own test rows were encoded in
-batches of 32, so their vectors (and prices) differ in the last digits from a one-row encoding.
+tests/test_models.py::test_predict_reproduces_test_time_features_and_predictions). Not guaranteed: with int8 ONNX
+text encoders the stack's own test rows were encoded in batches of 32, so their vectors (and prices) differ in the
+last digits from a one-row encoding.
 """
 
 from __future__ import annotations

@@ -15,10 +15,12 @@ limit gets 413 before it is read whole. A request never writes to the store (not
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,11 +38,23 @@ MAX_SQL_ROWS = 10_000
 
 
 class _Job:
-    def __init__(self, frame: pl.DataFrame, learners: bool) -> None:
+    def __init__(self, frame: pl.DataFrame, learners: bool, notify: Callable[[], None] | None = None) -> None:
         self.frame, self.learners = frame, learners
         self.done = threading.Event()
+        self.notify = notify  # called on the batcher's thread once the result or error is set
         self.result: pl.DataFrame | None = None
         self.error: BaseException | None = None
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.notify is not None:
+            self.notify()
+
+    def outcome(self) -> pl.DataFrame:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 class Batcher:
@@ -77,10 +91,29 @@ class Batcher:
             self._queue.append(job)
             self._ready.notify()
         job.done.wait()
-        if job.error is not None:
-            raise job.error
-        assert job.result is not None
-        return job.result
+        return job.outcome()
+
+    async def predict_async(self, frame: pl.DataFrame, learners: bool = False) -> pl.DataFrame:
+        """`predict` for the server's event loop: the request awaits a future that the batcher settles, instead of
+        holding a pool thread that waits on an event (a batch of 8 woke 8 threads, which then took turns for the
+        GIL to hand their answers back: ~1 ms of a round at 8 clients)."""
+        loop = asyncio.get_running_loop()
+        settled: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not settled.done():
+                settled.set_result(None)
+
+        job = _Job(frame, learners, lambda: loop.call_soon_threadsafe(settle))
+        with self._ready:
+            closed = self._closed
+            if not closed:
+                self._queue.append(job)
+                self._ready.notify()
+        if closed:  # a request that took this model just before a reload: priced alone, on it, off the loop
+            return await run_in_threadpool(self.predictor.predict, frame, "request", learners)
+        await settled
+        return job.outcome()
 
     def close(self) -> None:
         """After a reload: the worker prices what is queued, then ends (so the old models can be freed)."""
@@ -136,7 +169,7 @@ class Batcher:
             with self._ready:  # counted before anyone is answered: an answered client's next request is not here yet
                 self._clients = len(batch) + len(self._queue)
             for job in batch:
-                job.done.set()
+                job.finish()
 
     def _price(self, batch: list[_Job]) -> None:
         """Each job's result or error (the caller answers them)."""
@@ -264,7 +297,7 @@ def make_app(ctx: Context, max_body_bytes: int = 10 * 2**20) -> FastAPI:
     async def predict(request: Request) -> Response:
         frame, learners = _rows(await _json_body(request, max_body_bytes))
         current = served["current"]  # this request's model, whatever a reload does meanwhile
-        out = await run_in_threadpool(current.batcher.predict, frame, learners)
+        out = await current.batcher.predict_async(frame, learners)
         rows = []
         for row in out.iter_rows(named=True):
             item: dict[str, Any] = {"sample_id": row["sample_id"], "price": row["price"]}
