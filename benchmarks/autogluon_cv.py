@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--frame", required=True)
     parser.add_argument("--budget-s", type=float, required=True)
     parser.add_argument("--presets", default="medium_quality")
+    parser.add_argument("--exclude", nargs="*", default=[],
+                        help="model types left out (excluded_model_types), e.g. RF XT: those whose fits overran")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from autogluon.tabular import TabularPredictor
@@ -48,11 +50,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as path:
             predictor = TabularPredictor(label="log_price", eval_metric="mean_absolute_error", path=path,
                                          verbosity=0)
-            predictor.fit(features[train], time_limit=args.budget_s / len(folds), presets=args.presets)
+            predictor.fit(features[train], time_limit=args.budget_s / len(folds), presets=args.presets,
+                          excluded_model_types=args.exclude or None)
             oof[held.to_numpy()] = predictor.predict(features[held].drop(columns=["log_price"])).to_numpy()
             per_fold[int(k)] = {"smape": round(smape(price[held], np.expm1(oof[held.to_numpy()])), 4),
                                 "best_model": predictor.model_best}
-    result = {"autogluon_version": ag_version, "presets": args.presets, "budget_s": args.budget_s,
+    result = {"autogluon_version": ag_version, "presets": args.presets, "excluded_model_types": args.exclude,
+              "budget_s": args.budget_s,
               "seconds": round(time.perf_counter() - started, 1), "rows": len(frame),
               "n_features": features.shape[1] - 1, "cv_smape": round(smape(price, np.expm1(oof)), 4),
               "folds": per_fold}
