@@ -85,11 +85,8 @@ class Batcher:
     def predict(self, frame: pl.DataFrame, learners: bool = False) -> pl.DataFrame:
         """`Predictor.predict(frame, "request", learners)`, batched with whatever else is waiting (blocks)."""
         job = _Job(frame, learners)
-        with self._ready:
-            if self._closed:  # a request that took this model just before a reload: priced alone, on it
-                return self.predictor.predict(frame, "request", learners)
-            self._queue.append(job)
-            self._ready.notify()
+        if not self._enqueue(job):  # a request that took this model just before a reload: priced alone, on it
+            return self.predictor.predict(frame, "request", learners)
         job.done.wait()
         return job.outcome()
 
@@ -105,15 +102,20 @@ class Batcher:
                 settled.set_result(None)
 
         job = _Job(frame, learners, lambda: loop.call_soon_threadsafe(settle))
-        with self._ready:
-            closed = self._closed
-            if not closed:
-                self._queue.append(job)
-                self._ready.notify()
-        if closed:  # a request that took this model just before a reload: priced alone, on it, off the loop
+        if not self._enqueue(job):  # just before a reload (see `predict`): priced alone, off the loop
             return await run_in_threadpool(self.predictor.predict, frame, "request", learners)
         await settled
         return job.outcome()
+
+    def _enqueue(self, job: _Job) -> bool:
+        """Queue `job` for the worker; False once the batcher is closed (the caller prices it alone, outside the
+        lock, so the worker can finish what is queued meanwhile)."""
+        with self._ready:
+            if self._closed:
+                return False
+            self._queue.append(job)
+            self._ready.notify()
+            return True
 
     def close(self) -> None:
         """After a reload: the worker prices what is queued, then ends (so the old models can be freed)."""
