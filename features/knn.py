@@ -15,7 +15,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
@@ -99,7 +99,7 @@ def _kept(sims: np.ndarray, idx: np.ndarray, base_ids: np.ndarray, base_logp: np
     """Each query's first k_max neighbours (log price, similarity; NaN past the last) once invalid ones (-1),
     itself and rows sharing a key with it are dropped, ordered by (-similarity, id). All rows at once: one sort
     with the dropped ones keyed last (a loop over rows took ~30 us a row, most of a served batch's statistics)."""
-    n, width = idx.shape
+    n = len(idx)
     candidate = np.where(idx >= 0, idx, 0)
     keep = (idx >= 0) & (base_ids[candidate] != query_ids[:, None])
     for base_key, query_key in zip(base_keys, query_keys, strict=True):
@@ -318,18 +318,12 @@ def _fold_neighbours(state: _Online, queries: np.ndarray) -> list[tuple[np.ndarr
             sims, local = _search_each(index, queries, need, state.threads)
             out.append((sims, np.where(local >= 0, base_rows[np.maximum(local, 0)], -1)))
         return out
-    position = state.__dict__.get("_position")  # each training row's place in state.folds, made once
-    if position is None:
-        position = np.full(len(state.fold), -1, dtype=np.int64)
-        for place, (fold, _, _) in enumerate(state.folds):
-            position[state.fold == fold] = place
-        state.__dict__["_position"] = position
     width = max(needs, default=0)
     sims = np.full((len(state.folds), len(queries), width), -np.inf, dtype=np.float32)
     idx = np.full((len(state.folds), len(queries), width), -1, dtype=np.int64)
     for start in range(0, len(queries), QUERY_CHUNK):
         block = inner_products(state.vectors, queries[start:start + QUERY_CHUNK], state.threads)
-        _fold_top(block, position, np.array(needs, dtype=np.int64), sims[:, start:start + len(block)],
+        _fold_top(block, state.position, np.array(needs, dtype=np.int64), sims[:, start:start + len(block)],
                   idx[:, start:start + len(block)])
     return [(sims[place, :, :need], idx[place, :, :need]) for place, need in enumerate(needs)]
 
@@ -414,6 +408,12 @@ class _Online:
     k: int
     ks: list[int]
     threads: int
+    position: np.ndarray = field(init=False)  # each training row's place in `folds` (-1: in none)
+
+    def __post_init__(self) -> None:
+        self.position = np.full(len(self.fold), -1, dtype=np.int64)
+        for place, (fold, _, _) in enumerate(self.folds):
+            self.position[self.fold == fold] = place
 
 
 _BLAS_THRESHOLD_LOCK = threading.Lock()
