@@ -58,8 +58,10 @@ def main() -> None:
     for k in folds:
         train, held = frame["fold"] != k, frame["fold"] == k
         with tempfile.TemporaryDirectory() as path:
+            # verbosity 2: its progress ("Fitting model: X ...") in the log bench_budget keeps, so a run stopped
+            # at the cap says which model it was in.
             predictor = TabularPredictor(label="log_price", eval_metric="mean_absolute_error", path=path,
-                                         verbosity=0)
+                                         verbosity=2)
             predictor.fit(features[train], time_limit=per_fit_s, presets=args.presets,
                           excluded_model_types=args.exclude or None)
             oof[held.to_numpy()] = predictor.predict(features[held].drop(columns=["log_price"])).to_numpy()

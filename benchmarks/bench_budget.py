@@ -99,7 +99,8 @@ def autogluon(python: str, budget: int, store: Path, cap: float, exclude: list[s
     with tempfile.TemporaryDirectory() as tmp:
         frame_path, out = Path(tmp) / "raw.parquet", Path(tmp) / "autogluon.json"
         rows = raw_frame(store, frame_path)
-        with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
+        with (tempfile.NamedTemporaryFile("r", suffix=".time") as stats,
+              tempfile.NamedTemporaryFile("w+", suffix=".log") as log):
             # Its own process group, killed whole at the cap: killing GNU time alone left AutoGluon running (an
             # orphan that took a core from the next run).
             process = subprocess.Popen(["/usr/bin/time", "-o", stats.name, "-f", "%e %M", python,
@@ -107,17 +108,19 @@ def autogluon(python: str, budget: int, store: Path, cap: float, exclude: list[s
                                         "--budget-s", str(budget), "--out", str(out),
                                         *(["--exclude", *exclude] if exclude else []),
                                         *(["--holdout-fold", str(holdout)] if holdout is not None else [])],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                       start_new_session=True)
+                                       stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
             try:
-                _, stderr = process.communicate(timeout=cap * budget)
+                process.wait(timeout=cap * budget)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-                process.communicate()
+                process.wait()
+                fits = [line.strip() for line in Path(log.name).read_text().splitlines()
+                        if line.startswith("Fitting model:") or "Training model for" in line]
                 return {"stopped": f"no result after {cap:g} x its time_limit ({cap * budget:.0f} s wall)",
+                        "fitting_when_stopped": fits[-1] if fits else None, "models_started": fits,
                         "excluded_model_types": exclude, "rows": rows, "columns": list(RAW_COLUMNS)}
             if process.returncode != 0:
-                return {"error": stderr[-2000:]}
+                return {"error": Path(log.name).read_text()[-2000:]}
             wall, peak_kib = stats.read().strip().splitlines()[-1].split()
         ag = json.loads(out.read_text())
     return {**ag, "rows": rows, "wall_seconds": float(wall), "peak_rss_mib": round(float(peak_kib) / 1024, 1),
